@@ -1,0 +1,52 @@
+# Two commands do everything from a fresh clone (see README.md):
+#   make demo   - the main job
+#   make test   - the whole test suite (export check, notebook tests, pytest)
+# Both create and fill the local virtual environment .venv first.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# The stamp changes whenever the pinned requirements or the package metadata change.
+STAMP  := $(VENV)/.installed-$(shell cat requirements-test.txt pyproject.toml 2>/dev/null | sha1sum | cut -c1-12)
+export HF_HUB_OFFLINE := 1
+export MPLBACKEND := Agg
+export PYTHONHASHSEED := 0
+
+.PHONY: venv demo test export nbtest pytest benchmark clean
+
+venv: $(STAMP)
+
+$(STAMP):
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements-test.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	@rm -f $(VENV)/.installed-* && touch $@
+
+demo: venv
+	$(BIN)/blda demo
+
+test: venv
+	@$(MAKE) --no-print-directory export nbtest pytest
+
+# nbs/ is the source of truth: re-exporting must not change blda/.
+export: venv
+	@before=$$(find blda -name '*.py' | sort | xargs sha1sum | sha1sum); \
+	$(BIN)/nbdev-export; \
+	after=$$(find blda -name '*.py' | sort | xargs sha1sum | sha1sum); \
+	if [ "$$before" != "$$after" ]; then \
+	  echo "FAIL: blda/ differs from what nbs/ exports. Run 'make export' and commit blda/."; \
+	  git status --short -- blda; exit 1; \
+	else echo "export check: blda/ matches nbs/"; fi
+
+nbtest: venv
+	$(BIN)/nbdev-test --n-workers 2 --timing
+
+pytest: venv
+	$(BIN)/pytest -q
+
+benchmark: venv
+	$(BIN)/blda benchmark
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -19,6 +19,8 @@ COMMANDS = {
     'demo': ('blda.demo', 'a one-minute demonstration of class bias and its removal (simulated logits)'),
     'benchmark': ('blda.benchmark', 'time and memory of the BLDA steps against plain cross-entropy'),
     'settings': ('blda.settings_cli', 'print the resolved settings.ini paths'),
+    'toy': ('blda.toy', 'generate the toy domain-adaptation benchmark (procedural street scenes)'),
+    'prepare': ('blda.convert', 'convert GTA5 / SYNTHIA / Cityscapes labels to train ids and write RCS statistics'),
 }
 
 def build_parser() -> argparse.ArgumentParser:

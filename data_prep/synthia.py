@@ -1,0 +1,10 @@
+"""Convert SYNTHIA-RAND-CITYSCAPES (ROOT/RGB, ROOT/GT/LABELS) labels to train ids and write the rare-class statistics.
+
+The same as `blda prepare synthia ROOT [--nproc N]`; kept for users of the reference `tools/convert_datasets`.
+Usage: python data_prep/synthia.py ROOT [--nproc N] [--skip-bad] [--unknown-ids ignore] [--verify-images]
+"""
+import sys
+from blda.cli import main
+
+if __name__ == '__main__':
+    sys.exit(main(['prepare', 'synthia', *sys.argv[1:]]))

@@ -165,3 +165,20 @@ def test_ddp_ranks_stay_identical(tmp_path):
     assert s0['source_updates'].sum() > 0
     for k in s0:
         assert torch.equal(s0[k], s1[k]), k
+
+
+def test_compiled_kernels_match_eager():
+    "The torch.compile path (the default on CUDA) computes the same state and shift as the eager one."
+    g = torch.Generator().manual_seed(3)
+    eager, fused = LogitTracker(3, warmup=5, min_pixels=20), LogitTracker(3, warmup=5, min_pixels=20, compile=True)
+    for step in range(3):
+        z, y = stream(1024, g)
+        for t in (eager, fused):
+            torch.manual_seed(step)
+            t.update(z, y, 'source'); t.update(z, y, 'target')
+    for (k, a), b in zip(eager.state_dict().items(), fused.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-4, rtol=1e-4), k
+    z, y = stream(500, g)
+    mask = torch.rand(y.shape, generator=g) < 0.5
+    s_e, s_f = eager.shift(z, y, mask), fused.shift(z, y, mask)
+    assert torch.allclose(s_e.delta, s_f.delta, atol=1e-4) and torch.equal(s_e.label_estimated, s_f.label_estimated)

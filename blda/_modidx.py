@@ -57,6 +57,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                            'blda.data.UDADataset.__init__': ('datasets.html#udadataset.__init__', 'blda/data.py'),
                            'blda.data.UDADataset.__len__': ('datasets.html#udadataset.__len__', 'blda/data.py'),
                            'blda.data.UDADataset.rare_class_sample': ('datasets.html#udadataset.rare_class_sample', 'blda/data.py'),
+                           'blda.data._flat_dataset': ('datasets.html#_flat_dataset', 'blda/data.py'),
                            'blda.data._labels_for': ('datasets.html#_labels_for', 'blda/data.py'),
                            'blda.data._require': ('datasets.html#_require', 'blda/data.py'),
                            'blda.data._rng': ('datasets.html#_rng', 'blda/data.py'),

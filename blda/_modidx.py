@@ -14,6 +14,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'blda.benchmark.synthetic_batch': ('benchmark.html#synthetic_batch', 'blda/benchmark.py')},
             'blda.classes': {'blda.classes.colorize': ('classes.html#colorize', 'blda/classes.py')},
             'blda.cli': { 'blda.cli.UserError': ('cli.html#usererror', 'blda/cli.py'),
+                          'blda.cli._command_in': ('cli.html#_command_in', 'blda/cli.py'),
                           'blda.cli.build_parser': ('cli.html#build_parser', 'blda/cli.py'),
                           'blda.cli.main': ('cli.html#main', 'blda/cli.py')},
             'blda.convert': { 'blda.convert.BadFile': ('convert.html#badfile', 'blda/convert.py'),

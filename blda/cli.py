@@ -21,6 +21,8 @@ COMMANDS = {
     'settings': ('blda.settings_cli', 'print the resolved settings.ini paths'),
     'toy': ('blda.toy', 'generate the toy domain-adaptation benchmark (procedural street scenes)'),
     'prepare': ('blda.convert', 'convert GTA5 / SYNTHIA / Cityscapes labels to train ids and write RCS statistics'),
+    'train': ('blda.train_cli', 'train one experiment (a host, optionally with BLDA); every TrainConfig field is an option'),
+    'evaluate': ('blda.evaluate_cli', "score a run's checkpoint on the target validation set and write metrics.json"),
 }
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

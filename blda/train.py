@@ -20,9 +20,12 @@ from .losses import BLDALoss
 from .models import ARCH_ALIASES, build_model, param_groups
 from .tracker import LogitTracker
 from .uda import HOSTS, Component, Host, PlainCriterion, StepConfig, UDABatch, update_teacher, uda_step
+from .mic import MIC
+
+HOSTS = HOSTS | {MIC.name: MIC}   # blda.uda's hosts plus those built on later components (blda.mic)
 
 # %% auto #0
-__all__ = ['DATA_CHOICES', 'PRECISIONS', 'RESUMABLE_CHANGES', 'DATA_PRESETS', 'TOY_HEIGHT', 'TIMING_KEYS', 'TrainConfig',
+__all__ = ['HOSTS', 'DATA_CHOICES', 'PRECISIONS', 'RESUMABLE_CHANGES', 'DATA_PRESETS', 'TOY_HEIGHT', 'TIMING_KEYS', 'TrainConfig',
            'DataPreset', 'resolve_host', 'Datasets', 'build_datasets', 'SeededPairs', 'make_loader', 'lr_factor',
            'TrainState', 'build_criterion', 'build_state', 'rng_state', 'set_rng_state', 'seed_everything',
            'save_checkpoint', 'load_checkpoint', 'json_safe', 'write_log', 'read_log', 'TrainResult', 'resolve_device',
@@ -41,7 +44,7 @@ RESUMABLE_CHANGES = ('stop_after', 'progress', 'resume', 'num_workers', 'device'
 class TrainConfig:
     "Every parameter of one experiment."
     # method
-    host: str = 'daformer'                  # one of blda.uda.HOSTS: source_only, dacs, daformer
+    host: str = 'daformer'                  # one of HOSTS: source_only, dacs, daformer, mic
     blda: bool = False                      # BLDA's criterion (and cumulative-density head) on top of the host
     arch: str = 'T'                         # 'T' (DAFormer head) or 'C' (DeepLabV2)
     encoder: str | None = None              # None: mit_b5 for T, resnet101 for C

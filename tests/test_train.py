@@ -106,7 +106,7 @@ def test_resume_refuses_another_config(toy, tmp_path):
 
 # ------------------------------------------------------------------------------------------ config and schedule
 def test_config_errors_name_the_field(toy, tmp_path):
-    for bad, name in [(dict(host='mic'), 'host'), (dict(arch='X'), 'arch'), (dict(batch_size=0), 'batch_size'),
+    for bad, name in [(dict(host='dafomer'), 'host'), (dict(arch='X'), 'arch'), (dict(batch_size=0), 'batch_size'),
                       (dict(crop_size=(32,)), 'crop_size'), (dict(precision='fp16'), 'precision'),
                       (dict(device='tpu'), 'device'), (dict(eval_posthoc_tau=0.2), 'eval_posthoc_tau'),
                       (dict(data='imagenet'), 'data'), (dict(tau=-1.0), 'tau')]:

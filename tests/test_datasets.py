@@ -13,15 +13,6 @@ from blda.data import (DataNotReady, RareClassSampler, RCSConfig, SegTransform, 
                        cityscapes_dataset, crop_pseudo_weight, denormalize, gta_dataset, rcs_class_probabilities,
                        synthia_dataset, toy_source_dataset, toy_target_dataset, valid_pseudo_mask)
 
-@pytest.fixture(scope='module')
-def toy(tmp_path_factory) -> Path:
-    "The 'Done when' path: `blda toy --size tiny`, then `blda prepare` on both domains, through the CLI."
-    root = tmp_path_factory.mktemp('toy')
-    assert main(['toy', str(root), '--size', 'tiny', '--seed', '3']) == 0
-    assert main(['prepare', 'gta', str(root/'source'), '--quiet']) == 0
-    assert main(['prepare', 'cityscapes', str(root/'target'), '--quiet']) == 0
-    return root
-
 # ------------------------------------------------------------------------------------------ transforms
 def coded_image(label: np.ndarray) -> np.ndarray:
     "An RGB image whose red channel is 10 × the label, so image and label can be checked against each other."

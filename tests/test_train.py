@@ -18,14 +18,6 @@ from blda.train import (TIMING_KEYS, TrainConfig, lr_factor, read_log, resolve_h
 
 ITERATIONS = 12
 
-@pytest.fixture(scope='module')
-def toy(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp('toy')
-    assert main(['toy', str(root), '--size', 'tiny', '--seed', '3']) == 0
-    assert main(['prepare', 'gta', str(root/'source'), '--quiet']) == 0
-    assert main(['prepare', 'cityscapes', str(root/'target'), '--quiet']) == 0
-    return root
-
 def config(toy: Path, out: Path, **kw) -> TrainConfig:
     base = dict(encoder='mit_b0', data='toy', source_root=str(toy/'source'), target_root=str(toy/'target'),
                 crop_size=(32, 32), iterations=ITERATIONS, warmup_iters=3, lr=1e-3, log_interval=1,

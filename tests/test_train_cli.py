@@ -12,14 +12,6 @@ from blda.train_cli import field_options, given_fields, resolve_config
 BLDA = str(Path(sys.executable).parent/'blda')
 NON_FIELDS = {'help', 'config', 'print_config'}
 
-@pytest.fixture(scope='module')
-def toy(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp('toy')
-    assert main(['toy', str(root), '--size', 'tiny', '--seed', '3']) == 0
-    assert main(['prepare', 'gta', str(root/'source'), '--quiet']) == 0
-    assert main(['prepare', 'cityscapes', str(root/'target'), '--quiet']) == 0
-    return root
-
 def small(toy: Path, out: Path, *extra: str) -> list[str]:
     return ['train', '--data', 'toy', '--source-root', str(toy/'source'), '--target-root', str(toy/'target'),
             '--output-dir', str(out), '--encoder', 'mit_b0', '--crop-size', '32', '32', '--iterations', '6',

@@ -4,13 +4,15 @@
 
 # %% ../nbs/31_train.ipynb #9a5c483a
 from __future__ import annotations
-import copy, dataclasses, json, math, os, random, time
+import copy, dataclasses, datetime, json, math, os, random, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from .classes import CITYSCAPES_CLASSES, SYNTHIA_16
 from .data import (RCSConfig, RareClassSampler, SegDataset, TOY_CROP, TOY_PSEUDO_MARGINS, TOY_RCS, UDADataset,
@@ -28,8 +30,8 @@ HOSTS = HOSTS | {MIC.name: MIC}   # blda.uda's hosts plus those built on later c
 __all__ = ['HOSTS', 'DATA_CHOICES', 'PRECISIONS', 'RESUMABLE_CHANGES', 'DATA_PRESETS', 'TOY_HEIGHT', 'TIMING_KEYS', 'TrainConfig',
            'DataPreset', 'resolve_host', 'Datasets', 'build_datasets', 'SeededPairs', 'make_loader', 'lr_factor',
            'TrainState', 'build_criterion', 'build_state', 'rng_state', 'set_rng_state', 'seed_everything',
-           'save_checkpoint', 'load_checkpoint', 'json_safe', 'write_log', 'read_log', 'TrainResult', 'resolve_device',
-           'train']
+           'save_checkpoint', 'load_checkpoint', 'rank_random_states', 'json_safe', 'write_log', 'read_log',
+           'TrainResult', 'resolve_device', 'train']
 
 # %% ../nbs/31_train.ipynb #0f247eaf
 DATA_CHOICES = ('gta2cs', 'synthia2cs', 'toy')
@@ -69,7 +71,7 @@ class TrainConfig:
     crop_size: tuple[int, int] | None = None           # (h, w); None: 512×512 (toy: 128×128)
     rcs_min_pixels: int | None = None                   # None: 3000 (toy: 50)
     pseudo_margins: tuple[int, int, int, int] | None = None   # v2 PL margins (top, bottom, left, right); None: host/data
-    batch_size: int = 2
+    batch_size: int = 2                     # per process (torchrun: batch_size × WORLD_SIZE pairs per iteration)
     num_workers: int = 0
     # optimisation (baselines.md §1.3)
     iterations: int = 40000
@@ -240,9 +242,11 @@ class SeededPairs(Dataset):
             return self.uda[index]
 
 def make_loader(pairs: SeededPairs, start: int, stop: int, batch_size: int, num_workers: int = 0,
-                pin_memory: bool = False) -> DataLoader:
-    "Batches of iterations `start … stop − 1` of `pairs`, as `UDABatch`es."
-    return DataLoader(pairs, batch_size=batch_size, sampler=range(start * batch_size, stop * batch_size),
+                pin_memory: bool = False, rank: int = 0, world: int = 1) -> DataLoader:
+    """Batches of iterations `start … stop − 1` of `pairs`, as `UDABatch`es; with `world` processes, those of
+    process `rank` (pairs `j·world + rank`, `pairs` holding `iterations · batch_size · world` of them)."""
+    n = batch_size * world
+    return DataLoader(pairs, batch_size=batch_size, sampler=range(start * n + rank, stop * n, world),
                       num_workers=num_workers, collate_fn=UDABatch.from_samples, pin_memory=pin_memory,
                       generator=torch.Generator().manual_seed(pairs.seed))
 
@@ -333,15 +337,25 @@ def _atomic_write(path: Path, write) -> None:
     finally:
         if tmp.exists(): tmp.unlink()
 
-def save_checkpoint(path: Path, state: TrainState, config: TrainConfig, iteration: int, log: list[dict]) -> None:
-    "Everything needed to continue at `iteration` exactly (see the top of this notebook)."
-    payload = dict(iteration=iteration, config=config.to_dict(), state=state.state_dict(), rng=rng_state(), log=log)
+def save_checkpoint(path: Path, state: TrainState, config: TrainConfig, iteration: int, log: list[dict],
+                    ranks: list[dict] | None = None) -> None:
+    """Everything needed to continue at `iteration` exactly (see the top of this notebook). `ranks`: with
+    several processes, every rank's random states (`rank_random_states`), in rank order."""
+    payload = dict(iteration=iteration, config=config.to_dict(), state=state.state_dict(), rng=rng_state(), log=log,
+                   world_size=len(ranks) if ranks else 1)
+    if ranks: payload['ranks'] = ranks
     _atomic_write(Path(path), lambda f: torch.save(payload, f))
 
-def load_checkpoint(path: Path, state: TrainState, config: TrainConfig) -> tuple[int, list[dict]]:
-    """Restore `state` and the random states from `path`; returns (iteration, log). Raises `ValueError`
-    when the checkpoint was made with a config that differs in a field that changes the computation."""
+def load_checkpoint(path: Path, state: TrainState, config: TrainConfig, rank: int = 0,
+                    world: int = 1) -> tuple[int, list[dict]]:
+    """Restore `state` and the random states (those of process `rank` of `world`) from `path`; returns
+    (iteration, log). Raises `ValueError` when the checkpoint was made with a config that differs in a field
+    that changes the computation, or by another number of processes."""
     ckpt = torch.load(path, map_location='cpu', weights_only=False)   # our own file: it holds RNG tuples
+    saved = ckpt.get('world_size', 1)
+    if saved != world:
+        raise ValueError(f"{path} was written by {saved} process(es) and this run has {world}: the data order and "
+                         "random streams depend on it. Resume with the same number of processes, or use another output_dir")
     old, new = ckpt['config'], config.to_dict()
     differ = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
     if differ:
@@ -349,8 +363,16 @@ def load_checkpoint(path: Path, state: TrainState, config: TrainConfig) -> tuple
                          + ', '.join(f"{k} ({old.get(k)!r} → {new.get(k)!r})" for k in differ)
                          + ". Use another output_dir or resume=False")
     state.load_state_dict(ckpt['state'])
-    set_rng_state(ckpt['rng'])
+    mine = ckpt['ranks'][rank] if world > 1 else dict(rng=ckpt['rng'], generator=ckpt['state']['generator'])
+    set_rng_state(mine['rng']); state.generator.set_state(mine['generator'])
     return ckpt['iteration'], ckpt['log']
+
+def rank_random_states(state: TrainState) -> list[dict]:
+    "Every process's global random states and step generator, gathered on all ranks (a collective call)."
+    mine = dict(rng=rng_state(), generator=state.generator.get_state())
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
 
 def json_safe(obj):
     "`obj` with NaN/inf floats replaced by None (JSON null), recursively through dicts and lists."
@@ -400,9 +422,64 @@ def _evaluate(state: TrainState, datasets: Datasets, config: TrainConfig, host: 
                         posthoc_tau=config.eval_posthoc_tau, classes=DATA_PRESETS[config.data].eval_classes,
                         device=device, amp=host.step.amp, max_images=config.eval_max_images)
 
+_FIND_UNUSED = False   # every pass of every host reaches every student parameter (see below)
+
+@dataclass(frozen=True)
+class _Procs:
+    "This process's place in a `torchrun` job (rank 0 of 1 without one)."
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device('cpu')
+    owns_group: bool = False          # `train` initialised the process group (and destroys it)
+
+    @property
+    def lead(self) -> bool: return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier(device_ids=[self.device.index]) if self.device.type == 'cuda' else dist.barrier()
+
+    def average_buffers(self, *modules: nn.Module | None) -> None:
+        "Average the floating-point buffers of `modules` (BatchNorm running statistics) over the processes, in place."
+        if self.world == 1: return
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for m in modules:
+            for b in (m.buffers() if m is not None else ()):
+                if b.is_floating_point(): by_dtype.setdefault(b.dtype, []).append(b)
+        for bufs in by_dtype.values():
+            flat = torch.cat([b.reshape(-1) for b in bufs])
+            dist.all_reduce(flat); flat /= self.world
+            for b, v in zip(bufs, flat.split([b.numel() for b in bufs])): b.copy_(v.view_as(b))
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        "`values` averaged over the processes (the same keys on every rank)."
+        if self.world == 1 or not values: return values
+        t = torch.tensor(list(values.values()), dtype=torch.float64,
+                         device=self.device if dist.get_backend() == 'nccl' else 'cpu')
+        dist.all_reduce(t)
+        return dict(zip(values, (t / self.world).tolist()))
+
+def _join_processes(device: str) -> _Procs:
+    "Join the `torchrun` process group (NCCL on CUDA, gloo on the CPU) when there is one, or use an initialised one."
+    d = resolve_device(device)
+    initialised = dist.is_available() and dist.is_initialized()
+    if not initialised and int(os.environ.get('WORLD_SIZE', '1')) <= 1: return _Procs(device=d)
+    if d.type == 'cuda':   # one GPU per process
+        d = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
+        torch.cuda.set_device(d)
+    if not initialised:   # rank 0 evaluates while the others wait at a barrier: a generous timeout
+        dist.init_process_group('nccl' if d.type == 'cuda' else 'gloo', timeout=datetime.timedelta(hours=1))
+    return _Procs(dist.get_rank(), dist.get_world_size(), d, not initialised)
+
 def train(config: TrainConfig) -> TrainResult:
-    "Run (or resume) the experiment `config`; see above."
-    device = resolve_device(config.device)
+    "Run (or resume) the experiment `config`, in one process or in each of a `torchrun` job's; see above."
+    procs = _join_processes(config.device)
+    try: return _train(config, procs)
+    finally:
+        if procs.owns_group: dist.destroy_process_group()
+
+def _train(config: TrainConfig, procs: _Procs) -> TrainResult:
+    device, lead = procs.device, procs.lead
     out = Path(config.output_dir); out.mkdir(parents=True, exist_ok=True)
     host, margins = resolve_host(config, device)
     datasets = build_datasets(config, host, margins)
@@ -412,31 +489,42 @@ def train(config: TrainConfig) -> TrainResult:
         state = build_state(config, host, device)
         ckpt_path, log_path = out/'checkpoint.pt', out/'metrics.jsonl'
         start, log = 0, []
-        if config.resume and ckpt_path.exists(): start, log = load_checkpoint(ckpt_path, state, config)
-        else: seed_everything(config.seed)
-        _atomic_write(out/'config.json', lambda f: f.write(json.dumps(config.to_dict(), indent=1).encode()))
-        write_log(log_path, log)
+        if config.resume and ckpt_path.exists(): start, log = load_checkpoint(ckpt_path, state, config, procs.rank, procs.world)
+        elif procs.rank == 0: seed_everything(config.seed)
+        else:   # every other process: its own dropout and augmentation streams
+            seed_everything(_derived_seed(config.seed, 4, procs.rank))
+            state.generator.manual_seed(_derived_seed(config.seed, 2, procs.rank))
+        student = state.student   # what the step calls: the student, or its DDP wrapper
+        if procs.world > 1:
+            student = DistributedDataParallel(state.student, device_ids=[device.index] if device.type == 'cuda' else None,
+                                              broadcast_buffers=False, find_unused_parameters=_FIND_UNUSED)
+        if lead:
+            _atomic_write(out/'config.json', lambda f: f.write(json.dumps(config.to_dict(), indent=1).encode()))
+            write_log(log_path, log)
         stop = min(config.iterations, config.stop_after or config.iterations)
-        loader = make_loader(SeededPairs(datasets.train, config.seed, config.iterations * config.batch_size),
-                             start, max(stop, start), config.batch_size, config.num_workers, device.type == 'cuda')
+        pairs = SeededPairs(datasets.train, config.seed, config.iterations * config.batch_size * procs.world)
+        loader = make_loader(pairs, start, max(stop, start), config.batch_size, config.num_workers,
+                             device.type == 'cuda', procs.rank, procs.world)
         from tqdm.auto import tqdm
         name = host.name + ('+BLDA' if config.blda else '')
-        bar = tqdm(total=config.iterations, initial=start, desc=name, disable=not config.progress, dynamic_ncols=True)
+        bar = tqdm(total=config.iterations, initial=start, desc=name, disable=not (config.progress and lead),
+                   dynamic_ncols=True)
         tick, tick_iter = time.perf_counter(), start
         done = start
         for it, batch in zip(range(start, stop), loader):
             batch = batch.to(device, non_blocking=True)
-            state.student.train()
+            student.train()
             if state.teacher is not None: update_teacher(state.teacher, state.student, it, host.step)
             state.optimizer.zero_grad(set_to_none=True)
-            result = uda_step(state.student, state.teacher, batch, it, host.step, state.criterion,
+            result = uda_step(student, state.teacher, batch, it, host.step, state.criterion,
                               state.components, state.generator)
             lr = state.optimizer.param_groups[0]['lr']
             state.optimizer.step(); state.scheduler.step()
+            procs.average_buffers(state.student, state.teacher)   # the ranks' BatchNorm statistics, merged
             done = it + 1
             bar.update()
             if done % config.log_interval == 0 or done == stop:
-                losses = result.floats()
+                losses = procs.mean(result.floats())   # every rank sees the same values (and stops together)
                 bad = [k for k, v in losses.items() if not math.isfinite(v)]
                 if bad: raise FloatingPointError(f"non-finite loss {bad} at iteration {done} ({losses})")
                 now = time.perf_counter()
@@ -444,17 +532,22 @@ def train(config: TrainConfig) -> TrainResult:
                                 seconds_per_iter=(now - tick) / max(done - tick_iter, 1)))
                 tick, tick_iter = now, done
                 bar.set_postfix({k: f'{v:.3g}' for k, v in losses.items() if k.endswith(('ce', 'fd'))}, refresh=False)
-                write_log(log_path, log)
+                if lead: write_log(log_path, log)
             if config.eval_interval and (done % config.eval_interval == 0 or done == config.iterations):
-                t0 = time.perf_counter()
-                metrics = _evaluate(state, datasets, config, host, device)
-                log.append(json_safe(dict(iteration=done, kind='eval', **metrics, seconds=time.perf_counter() - t0)))
-                if config.progress: bar.write(f"iteration {done}: mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}")
-                write_log(log_path, log)
+                if lead:
+                    t0 = time.perf_counter()
+                    metrics = _evaluate(state, datasets, config, host, device)
+                    log.append(json_safe(dict(iteration=done, kind='eval', **metrics, seconds=time.perf_counter() - t0)))
+                    if config.progress: bar.write(f"iteration {done}: mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}")
+                    write_log(log_path, log)
+                procs.barrier()
                 tick = time.perf_counter()
             if done == stop or (config.checkpoint_interval and done % config.checkpoint_interval == 0):
-                save_checkpoint(ckpt_path, state, config, done, log)
+                ranks = rank_random_states(state) if procs.world > 1 else None
+                if lead: save_checkpoint(ckpt_path, state, config, done, log, ranks)
         bar.close()
+        procs.barrier()   # the files are complete when any rank returns
     finally:
         torch.use_deterministic_algorithms(previous_determinism)
     return TrainResult(config, out, done, state, log, host)
+

@@ -4,7 +4,7 @@
 
 # %% ../nbs/34_train_cli.ipynb #26b43385
 from __future__ import annotations
-import argparse, dataclasses, inspect, io, json, re, time, tokenize, types, typing
+import argparse, dataclasses, inspect, io, json, os, re, time, tokenize, types, typing
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 from .cli import UserError
@@ -181,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
     result = train(config)
     ev = result.final_eval
     score = f"; mIoU {ev['mIoU']:.2f}, mAcc {ev['mAcc']:.2f} at iteration {ev['iteration']}" if ev else ''
+    if int(os.environ.get("RANK", "0")) != 0: return 0   # under torchrun, rank 0 reports for all
     print(f"blda train: {run_name(config)} at iteration {result.iteration}/{config.iterations} in "
           f"{time.perf_counter() - t0:.1f} s{score}; run folder {result.output_dir}")
     return 0

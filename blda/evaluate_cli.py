@@ -26,10 +26,8 @@ def evaluate_run(run: Path | str, posthoc_tau: float | None = None, target_root:
                  weights: str = 'student', progress: bool = False) -> RunEvaluation:
     "Metrics of the checkpoint of `run` (a run folder or its checkpoint.pt) on the target validation set."
     import torch
-    from blda.data import cityscapes_dataset
     from blda.evaluate import evaluate
-    from blda.models import build_model
-    from blda.train import DATA_PRESETS, build_criterion, resolve_device
+    from blda.train import DATA_PRESETS, build_criterion, build_student, resolve_device, resolve_host, validation_set
     run = Path(run)
     path = run if run.is_file() else run/'checkpoint.pt'
     if not path.is_file(): raise UserError(f"no checkpoint at {path} (blda train writes RUN/checkpoint.pt)")
@@ -43,7 +41,8 @@ def evaluate_run(run: Path | str, posthoc_tau: float | None = None, target_root:
     if max_images is not None and max_images < 1: raise UserError(f"--max-images must be ≥ 1, got {max_images}")
     try: dev = resolve_device(device)
     except (ValueError, RuntimeError) as e: raise UserError(as_option_message(str(e))) from None
-    model = build_model(config.arch, config.num_classes, config.encoder, None, cdf_head=config.blda and config.cdf_weight > 0)
+    host, _ = resolve_host(config, dev)
+    model = build_student(config, host, encoder_weights=False)
     model.load_state_dict(ckpt['state'][weights])
     tracker = None
     if posthoc_tau is not None:
@@ -51,9 +50,8 @@ def evaluate_run(run: Path | str, posthoc_tau: float | None = None, target_root:
         criterion.load_state_dict(ckpt['state']['criterion'])
         tracker = criterion.to(dev).tracker
     preset = DATA_PRESETS[config.data]
-    val = cityscapes_dataset(Path(target_root or config.target_root), 'val', scale=preset.target_scale,
-                             crop_size=None, flip_prob=0.0, label_at_full_res=True)
-    mode = mode or config.eval_mode
+    val = validation_set(config, host, target_root)
+    mode = mode or config.eval_mode or host.eval_mode
     metrics = evaluate(model.to(dev), val, config.num_classes, mode, tracker=tracker, posthoc_tau=posthoc_tau,
                        classes=preset.eval_classes, device=dev, amp=config.precision == 'bf16' and dev.type == 'cuda',
                        max_images=max_images, progress=progress)

@@ -28,10 +28,10 @@ HOSTS = HOSTS | {MIC.name: MIC}   # blda.uda's hosts plus those built on later c
 
 # %% auto #0
 __all__ = ['HOSTS', 'DATA_CHOICES', 'PRECISIONS', 'RESUMABLE_CHANGES', 'DATA_PRESETS', 'TOY_HEIGHT', 'TIMING_KEYS', 'TrainConfig',
-           'DataPreset', 'resolve_host', 'Datasets', 'build_datasets', 'SeededPairs', 'make_loader', 'lr_factor',
-           'TrainState', 'build_criterion', 'build_state', 'rng_state', 'set_rng_state', 'seed_everything',
-           'save_checkpoint', 'load_checkpoint', 'rank_random_states', 'json_safe', 'write_log', 'read_log',
-           'TrainResult', 'resolve_device', 'train']
+           'DataPreset', 'resolve_host', 'Datasets', 'build_datasets', 'validation_set', 'SeededPairs', 'make_loader',
+           'lr_factor', 'TrainState', 'build_criterion', 'build_student', 'build_state', 'rng_state', 'set_rng_state',
+           'seed_everything', 'save_checkpoint', 'load_checkpoint', 'rank_random_states', 'json_safe', 'write_log',
+           'read_log', 'TrainResult', 'resolve_device', 'train']
 
 # %% ../nbs/31_train.ipynb #0f247eaf
 DATA_CHOICES = ('gta2cs', 'synthia2cs', 'toy')
@@ -51,6 +51,7 @@ class TrainConfig:
     arch: str = 'T'                         # 'T' (DAFormer head) or 'C' (DeepLabV2)
     encoder: str | None = None              # None: mit_b5 for T, resnet101 for C
     encoder_weights: str | None = None      # local state-dict path; None: random initialisation
+    embed_dim: int = 256                    # width of the DAFormer head (T); the toy table uses 64 to fit a CPU
     num_classes: int = 19
     # BLDA (method.md §2)
     tau: float = 0.1
@@ -59,6 +60,7 @@ class TrainConfig:
     gmm_components: int = 5
     gmm_momentum: float = 0.99
     em_steps: int = 3
+    gmm_warmup: int = 1500                  # tracker updates over which the EM momentum ramps up to gmm_momentum
     # host overrides (None: the host's value)
     alpha: float | None = None
     pseudo_threshold: float = 0.968
@@ -88,7 +90,7 @@ class TrainConfig:
     output_dir: str = 'results/run'
     log_interval: int = 50
     eval_interval: int = 4000               # 0: never (except never at the end either)
-    eval_mode: str = 'whole'                # 'whole' or 'slide'
+    eval_mode: str | None = None            # 'whole', 'slide' or None: the host's (slide for HRDA)
     eval_max_images: int | None = None
     eval_posthoc_tau: float | None = None   # with blda: also score post-hoc balanced predictions
     checkpoint_interval: int = 4000         # 0: only at the end (and at stop_after)
@@ -115,6 +117,8 @@ class TrainConfig:
         c(self.gmm_components >= 1, 'gmm_components', "must be ≥ 1")
         c(0 <= self.gmm_momentum < 1, 'gmm_momentum', "must lie in [0, 1)")
         c(self.em_steps >= 1, 'em_steps', "must be ≥ 1")
+        c(self.gmm_warmup >= 0, 'gmm_warmup', "must be ≥ 0")
+        c(self.embed_dim >= 1, 'embed_dim', "must be ≥ 1")
         c(self.alpha is None or 0 <= self.alpha < 1, 'alpha', "must be None or lie in [0, 1)")
         c(0 < self.pseudo_threshold <= 1, 'pseudo_threshold', "must lie in (0, 1]")
         c(self.fd_weight is None or self.fd_weight >= 0, 'fd_weight', "must be None or ≥ 0")
@@ -135,7 +139,7 @@ class TrainConfig:
         c(bool(str(self.output_dir)), 'output_dir', "must not be empty")
         c(self.log_interval >= 1, 'log_interval', "must be ≥ 1")
         c(self.eval_interval >= 0, 'eval_interval', "must be ≥ 0")
-        c(self.eval_mode in ('whole', 'slide'), 'eval_mode', "must be 'whole' or 'slide'")
+        c(self.eval_mode in (None, 'whole', 'slide'), 'eval_mode', "must be 'whole', 'slide' or None")
         c(self.eval_max_images is None or self.eval_max_images >= 1, 'eval_max_images', "must be None or ≥ 1")
         c(self.eval_posthoc_tau is None or (self.eval_posthoc_tau >= 0 and self.blda), 'eval_posthoc_tau',
           "must be None, or ≥ 0 with blda=True (it needs the tracker)")
@@ -209,18 +213,24 @@ def build_datasets(config: TrainConfig, host: Host, margins: tuple | None) -> Da
     for name in ('source_root', 'target_root'):
         if not getattr(config, name): raise ValueError(f"TrainConfig.{name} is required (a prepared dataset folder)")
     preset = DATA_PRESETS[config.data]
-    crop = config.crop_size or preset.crop_size
+    scaled = lambda size: None if size is None else tuple(int(round(s * host.data_scale)) for s in size)
+    crop = config.crop_size or scaled(preset.crop_size)
     src_root, tgt_root = Path(config.source_root), Path(config.target_root)
     make_source = synthia_dataset if preset.source == 'synthia' else gta_dataset
-    source = make_source(src_root, scale=preset.source_scale, crop_size=crop)
-    target = cityscapes_dataset(tgt_root, 'train', scale=preset.target_scale, crop_size=crop, pseudo_margins=margins)
+    source = make_source(src_root, scale=scaled(preset.source_scale), crop_size=crop)
+    target = cityscapes_dataset(tgt_root, 'train', scale=scaled(preset.target_scale), crop_size=crop, pseudo_margins=margins)
     rcs = None
     if host.rare_class_sampling:
         rcs_cfg = preset.rcs if config.rcs_min_pixels is None else dataclasses.replace(preset.rcs, min_pixels=config.rcs_min_pixels)
         rcs = RareClassSampler(src_root, rcs_cfg, 'synthia' if preset.source == 'synthia' else 'gta')
-    val = cityscapes_dataset(tgt_root, 'val', scale=preset.target_scale, crop_size=None, flip_prob=0.0,
-                             label_at_full_res=True)
-    return Datasets(UDADataset(source, target, rcs), val)
+    return Datasets(UDADataset(source, target, rcs), validation_set(config, host, tgt_root))
+
+def validation_set(config: TrainConfig, host: Host, target_root: Path | str | None = None) -> SegDataset:
+    "The target val split at the test scale of `config.data` (× `host.data_scale`), with full-resolution labels."
+    scale = DATA_PRESETS[config.data].target_scale
+    if scale is not None: scale = tuple(int(round(s * host.data_scale)) for s in scale)
+    return cityscapes_dataset(Path(target_root or config.target_root), 'val', scale=scale, crop_size=None,
+                              flip_prob=0.0, label_at_full_res=True)
 
 # %% ../nbs/31_train.ipynb #2f971c49
 def _derived_seed(*keys: int) -> int:
@@ -290,15 +300,21 @@ def build_criterion(config: TrainConfig) -> nn.Module:
     "`PlainCriterion`, or `BLDALoss` with a fresh tracker when `config.blda`."
     if not config.blda: return PlainCriterion()
     tracker = LogitTracker(config.num_classes, config.gmm_components, config.gmm_momentum, config.em_steps,
-                           config.min_pixels)
+                           config.min_pixels, config.gmm_warmup)
     return BLDALoss(tracker, tau=config.tau, cdf_weight=config.cdf_weight)
+
+def build_student(config: TrainConfig, host: Host, encoder_weights: bool = True) -> nn.Module:
+    "The initial student of `config` (a function of `config.seed`), wrapped by `host`; `encoder_weights=False` skips loading them."
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_derived_seed(config.seed, 0))
+        model = build_model(config.arch, config.num_classes, config.encoder,
+                            config.encoder_weights if encoder_weights else None,
+                            cdf_head=config.blda and config.cdf_weight > 0, embed_dim=config.embed_dim)
+        return host.wrap_model(model)
 
 def build_state(config: TrainConfig, host: Host, device: torch.device) -> TrainState:
     "Fresh student, teacher, criterion, components, optimiser and schedule for `config`."
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_derived_seed(config.seed, 0))
-        student = build_model(config.arch, config.num_classes, config.encoder, config.encoder_weights,
-                              cdf_head=config.blda and config.cdf_weight > 0)
+    student = build_student(config, host)
     components = host.build_components(student, config.num_classes)   # FD copies the initial student here
     student = student.to(device)
     teacher = None
@@ -418,7 +434,7 @@ def _evaluate(state: TrainState, datasets: Datasets, config: TrainConfig, host: 
     devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == 'cuda' else []
     with torch.random.fork_rng(devices=devices):   # evaluation must not move the training streams
         tracker = state.criterion.tracker if config.eval_posthoc_tau is not None else None
-        return evaluate(state.student, datasets.val, config.num_classes, config.eval_mode, tracker=tracker,
+        return evaluate(state.student, datasets.val, config.num_classes, config.eval_mode or host.eval_mode, tracker=tracker,
                         posthoc_tau=config.eval_posthoc_tau, classes=DATA_PRESETS[config.data].eval_classes,
                         device=device, amp=host.step.amp, max_images=config.eval_max_images)
 

@@ -291,6 +291,13 @@ class Host:
     fd_weight: float = 0.0                      # λ of the thing-class ImageNet feature distance (0 = off)
     fd_classes: tuple[int, ...] | None = FD_THING_CLASSES
     fd_min_ratio: float = 0.75
+    data_scale: float = 1.0                     # HRDA: 2 (images resized and cropped at twice the data preset's sizes)
+    eval_mode: str = 'whole'                    # 'whole' (DAFormer family) or 'slide' (HRDA)
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        """The student the step trains, built around the plain segmentor `model` (e.g. HRDA's multi-resolution
+        fusion, CDAC's attention streams): the identity here. It must return `SegOutput`s, like `model`."""
+        return model
 
     def build_components(self, initial_model: nn.Module, num_classes: int = 19) -> list[Component]:
         "The host's components; `initial_model` is the student before training (FD's frozen reference)."

@@ -23,6 +23,8 @@ COMMANDS = {
     'prepare': ('blda.convert', 'convert GTA5 / SYNTHIA / Cityscapes labels to train ids and write RCS statistics'),
     'train': ('blda.train_cli', 'train one experiment (a host, optionally with BLDA); every TrainConfig field is an option'),
     'evaluate': ('blda.evaluate_cli', "score a run's checkpoint on the target validation set and write metrics.json"),
+    'docs': ('blda.docs', 'render every notebook, tutorials first, to static HTML pages with an index (nbconvert)'),
+    'reproduce': ('blda.reproduce', "run a table's rows × seeds through the experiment notebook (papermill) and write table.md/csv/png"),
 }
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

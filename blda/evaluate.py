@@ -67,11 +67,14 @@ def evaluate(model: nn.Module, dataset, num_classes: int = 19, mode: str = 'whol
              tracker: LogitTracker | None = None, posthoc_tau: float | None = None,
              classes: Sequence[int] | None = None, names: Sequence[str] = CITYSCAPES_CLASSES,
              device: torch.device | str | None = None, amp: bool = False, max_images: int | None = None,
-             progress: bool = False) -> dict:
+             progress: bool = False, on_image: Callable[[int, Tensor, Tensor, Tensor | None], None] | None = None) -> dict:
     """Metrics of `model` on `dataset`: `mIoU`, `mIoU_std`, `mAcc`, `mAcc_std`, `IoU`, `Acc` (per class,
     percent), `bias` (per class, percent) and `images`; plus `posthoc` (the same keys) when `tracker` and
     `posthoc_tau` are given. `mode`: 'whole' or 'slide' (`crop`, `stride`); `classes`: the subset for the
-    means (e.g. `SYNTHIA_16`); `amp`: bf16 autocast on CUDA."""
+    means (e.g. `SYNTHIA_16`); `amp`: bf16 autocast on CUDA. `on_image(i, logits, label, balanced)` is called for
+    every image with its raw logits `(1, C, H, W)` at the label's resolution, its label `(1, H, W)` and its
+    post-hoc scores `(1, C, H, W)` (None without a tracker), e.g. to collect logit histograms or example
+    predictions in the same pass."""
     if mode not in ('whole', 'slide'): raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
     if (tracker is None) != (posthoc_tau is None): raise ValueError("give both tracker and posthoc_tau, or neither")
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -91,6 +94,7 @@ def evaluate(model: nn.Module, dataset, num_classes: int = 19, mode: str = 'whol
             image, label = sample['img'][None].to(device), sample['gt'][None].to(device)
             out = predict_whole(forward, image) if mode == 'whole' else predict_slide(forward, image, crop, stride)
             out = resize(out, label.shape[-2:])
+            if on_image is not None: on_image(i, out[:, :C], label, out[:, C:] if tracker is not None else None)
             for k in range(cms.shape[0]):
                 cms[k] += confusion_matrix(out[:, k * C:(k + 1) * C].argmax(1), label, C, IGNORE_INDEX).to(device)
     finally:

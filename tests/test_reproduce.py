@@ -1,0 +1,108 @@
+"""`blda reproduce`: the toy table through the real papermill path, resumption, failure recording, submitit."""
+import json, os, subprocess, sys, time
+from pathlib import Path
+
+import pytest
+
+from blda.cli import main
+from blda.reproduce import load_table, plan_runs, run_state
+
+BLDA = str(Path(sys.executable).parent/'blda')
+TOY_ROWS = ['source_only', 'source_only-blda', 'dacs', 'dacs-blda', 'daformer', 'daformer-blda']
+
+
+def small_set(toy: Path) -> list[str]:
+    "Overrides that make every row tiny: the tiny toy, 32×32 crops, a narrow head."
+    return ['--set', f"source_root={toy/'source'}", f"target_root={toy/'target'}", 'crop_size=[32, 32]',
+            'min_pixels=10', 'rcs_min_pixels=10', 'embed_dim=16', 'pseudo_threshold=0.3']
+
+
+def settings_env(tmp_path: Path) -> dict:
+    "An environment whose settings.ini puts results (and any generated toy) under `tmp_path`."
+    ini = tmp_path/'settings.ini'
+    ini.write_text(f"[paths]\nresults = {tmp_path/'results'}\ntoy = {tmp_path/'no-toy'}\n")
+    return {**os.environ, 'BLDA_SETTINGS': str(ini), 'HF_HUB_OFFLINE': '1', 'MPLBACKEND': 'Agg'}
+
+
+def reproduce(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([BLDA, 'reproduce', *args], env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_toy_quick_table_then_resume(toy, tmp_path):
+    env = settings_env(tmp_path)
+    out = tmp_path/'results'/'toy-quick'       # the default folder of --quick
+    p = reproduce(env, 'toy', '--quick', '--jobs', '2', *small_set(toy))
+    assert p.returncode == 0, p.stdout + p.stderr
+    table = (out/'table.md').read_text()
+    assert table.count('| done |') == 6 and 'Source only' in table and 'DAFormer' in table
+    for row in TOY_ROWS:
+        folder = out/row/'s0'
+        m = json.loads((folder/'metrics.json').read_text())
+        assert m['row'] == row and m['iteration'] == 3 and m['config']['crop_size'] == [32, 32]
+        assert {'mIoU', 'mIoU_std', 'mAcc', 'mAcc_std', 'IoU', 'Acc', 'bias'} <= set(m) and len(m['bias']) == 19
+        assert ('posthoc' in m) == row.endswith('-blda')          # BLDA runs are also scored post hoc
+        nb = json.loads((folder/'experiment.ipynb').read_text())
+        assert any('parameters' in c['metadata'].get('tags', []) for c in nb['cells'])     # papermill's copy
+        assert any('injected-parameters' in c['metadata'].get('tags', []) for c in nb['cells'])
+        assert any(o.get('output_type') == 'display_data' for c in nb['cells'] for o in c.get('outputs', []))
+        assert {'per_class.csv', 'per_class.png', 'bias.png', 'logits.png', 'examples.png', 'checkpoint.pt'} <= {f.name for f in folder.iterdir()}
+    csv = (out/'table.csv').read_text().splitlines()
+    assert len(csv) == 7 and csv[0].startswith('row,label,host,arch,blda,status,seeds,mIoU,')
+    assert (out/'table.png').stat().st_size > 0
+    stamps = {row: (out/row/'s0'/'metrics.json').stat().st_mtime_ns for row in TOY_ROWS}
+
+    t0 = time.perf_counter()
+    p = reproduce(env, 'toy', '--quick', *small_set(toy))
+    assert p.returncode == 0, p.stderr
+    assert '6 finished, 0 to run' in p.stdout and time.perf_counter() - t0 < 60
+    assert stamps == {row: (out/row/'s0'/'metrics.json').stat().st_mtime_ns for row in TOY_ROWS}
+
+
+def test_failed_row_is_recorded_and_the_others_complete(toy, tmp_path):
+    spec = tmp_path/'mine.yaml'
+    spec.write_text(f"""
+name: mine
+defaults: {{data: toy, arch: T, encoder: mit_b0, iterations: 2, log_interval: 1, checkpoint_interval: 0,
+           eval_interval: 0, eval_max_images: 2, examples: 1}}
+rows:
+  - {{name: good, label: Source only, params: {{host: source_only, target_root: {toy/'target'}}}}}
+  - {{name: bad-root, label: DACS, params: {{host: dacs, target_root: {tmp_path/'nowhere'}}}}}
+  - {{name: future, label: Someday, params: {{host: not_a_host_yet}}}}
+""")
+    env = settings_env(tmp_path)
+    out = tmp_path/'out'
+    p = reproduce(env, str(spec), '--out', str(out), '--launcher', 'submitit-local',
+                  '--set', f"source_root={toy/'source'}", 'crop_size=[32, 32]', 'embed_dim=16', 'min_pixels=10')
+    assert p.returncode == 1, p.stdout + p.stderr          # a failed run: non-zero exit, but a table
+    table = (out/'table.md').read_text()
+    assert '| Source only | T | 1 |' in table and '| not implemented |' in table and '## Failed runs' in table
+    status = json.loads((out/'bad-root'/'s0'/'status.json').read_text())
+    assert status['state'] == 'failed' and 'nowhere' in status['error']
+    assert (out/'good'/'s0'/'metrics.json').is_file() and not (out/'bad-root'/'s0'/'metrics.json').exists()
+    assert not (out/'future'/'s0').exists()                 # listed, never run
+    runs = plan_runs(load_table(spec), out)
+    assert [run_state(r) for r in runs] == ['done', 'failed', 'not implemented']
+
+
+def test_bad_table_names_the_problem(tmp_path, capsys):
+    assert main(['reproduce', 'no_such_table', '--list']) == 2
+    assert "no table 'no_such_table'" in capsys.readouterr().err
+    bad = tmp_path/'bad.yaml'
+    bad.write_text("rows:\n  - {name: a, params: {hots: dacs}}\n")
+    assert main(['reproduce', str(bad), '--list']) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and 'hots' in err
+    assert main(['reproduce', 'toy', '--rows', 'nope', '--list']) == 2
+    assert "no row(s) ['nope']" in capsys.readouterr().err
+
+
+def test_gta2cs_spec_lists_the_poster_table(tmp_path, monkeypatch):
+    monkeypatch.setenv('BLDA_SETTINGS', str(tmp_path/'s.ini'))
+    (tmp_path/'s.ini').write_text(f"[paths]\nresults = {tmp_path}\npretrained = /weights\n")
+    from blda.reproduce import reproduce as run_table
+    spec, runs, results, out = run_table('gta2cs', execute=False, log=lambda *a: None)
+    assert len(runs) == 36 and out == tmp_path/'gta2cs'
+    assert {r.params['encoder_weights'] for r in runs} == {'/weights/resnet101.pth', '/weights/mit_b5.pth'}
+    papers = {x.row.name: x.row.paper['mIoU'] for x in results}
+    assert papers['daformer-T'] == 68.3 and papers['mic-T-blda'] == 77.1
+    assert all(x.status in ('pending', 'not implemented') for x in results)

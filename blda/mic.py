@@ -80,9 +80,17 @@ class MaskedConsistency(Component):
         labels = ctx.pseudo.labels
         size = labels.shape[-2:]
         criterion = ctx.criterion if self.update_tracker else without_tracker_update(ctx.criterion)
-        terms = criterion.mixed(upsample(out.logits, size), labels, torch.ones_like(labels, dtype=torch.bool),
-                                ctx.pseudo.weight, upsample(out.cdf, size))
-        return {'mic': self.weight * terms.total}
+        is_target = torch.ones_like(labels, dtype=torch.bool)
+        terms = criterion.mixed(upsample(out.logits, size), labels, is_target, ctx.pseudo.weight, upsample(out.cdf, size))
+        more = self.pass_losses(out, masked.image, labels, is_target, ctx.pseudo.weight, criterion)
+        return {'mic': self.weight * (terms.total + sum(more.values()))}
+
+    def pass_losses(self, out, image: Tensor, labels: Tensor, is_target: Tensor, weight: Tensor,
+                    criterion: Criterion) -> dict[str, Tensor]:
+        """Further loss terms of the masked pass, added to its loss before λ_MIC: none here. A host whose student
+        has its own terms (HRDA's detail loss, `blda.hrda`) overrides this, as the reference computes the
+        masked loss with the student's full `forward_train`."""
+        return {}
 
 # %% ../nbs/33_mic.ipynb #877d74f4
 @dataclass(frozen=True)

@@ -23,8 +23,10 @@ from .models import ARCH_ALIASES, build_model, param_groups
 from .tracker import LogitTracker
 from .uda import HOSTS, Component, Host, PlainCriterion, StepConfig, UDABatch, update_teacher, uda_step
 from .mic import MIC
+from .hrda import HRDA, MIC_HRDA
+from .cdac import CDAC
 
-HOSTS = HOSTS | {MIC.name: MIC}   # blda.uda's hosts plus those built on later components (blda.mic)
+HOSTS = HOSTS | {h.name: h for h in (MIC, HRDA, MIC_HRDA, CDAC)}   # blda.uda's hosts plus those built on later components (blda.mic, blda.hrda, blda.cdac)
 
 # %% auto #0
 __all__ = ['HOSTS', 'DATA_CHOICES', 'PRECISIONS', 'RESUMABLE_CHANGES', 'DATA_PRESETS', 'TOY_HEIGHT', 'TIMING_KEYS', 'TrainConfig',
@@ -46,7 +48,7 @@ RESUMABLE_CHANGES = ('stop_after', 'progress', 'resume', 'num_workers', 'device'
 class TrainConfig:
     "Every parameter of one experiment."
     # method
-    host: str = 'daformer'                  # one of HOSTS: source_only, dacs, daformer, mic
+    host: str = 'daformer'                  # one of HOSTS: source_only, dacs, daformer, mic, hrda, cdac
     blda: bool = False                      # BLDA's criterion (and cumulative-density head) on top of the host
     arch: str = 'T'                         # 'T' (DAFormer head) or 'C' (DeepLabV2)
     encoder: str | None = None              # None: mit_b5 for T, resnet101 for C
@@ -193,8 +195,10 @@ def resolve_host(config: TrainConfig, device: torch.device | None = None) -> tup
                                amp=config.precision == 'bf16' and device is not None and device.type == 'cuda')
     if config.alpha is not None: step = dataclasses.replace(step, alpha=config.alpha)
     margins = config.pseudo_margins
-    if margins is None and config.data == 'toy' and step.pseudo_crop_rows is not None:
+    host_margins = getattr(host, 'pseudo_margins', None)   # v2 margins a host asks for, full-resolution pixels (HRDA)
+    if margins is None and config.data == 'toy' and (step.pseudo_crop_rows is not None or host_margins is not None):
         margins = _toy_margins(Path(config.target_root))
+    if margins is None: margins = host_margins
     if margins is not None: step = dataclasses.replace(step, pseudo_crop_rows=None)
     host = dataclasses.replace(host, step=step)
     if config.fd_weight is not None: host = dataclasses.replace(host, fd_weight=config.fd_weight)
@@ -213,24 +217,37 @@ def build_datasets(config: TrainConfig, host: Host, margins: tuple | None) -> Da
     for name in ('source_root', 'target_root'):
         if not getattr(config, name): raise ValueError(f"TrainConfig.{name} is required (a prepared dataset folder)")
     preset = DATA_PRESETS[config.data]
-    scaled = lambda size: None if size is None else tuple(int(round(s * host.data_scale)) for s in size)
-    crop = config.crop_size or scaled(preset.crop_size)
+    crop = config.crop_size or _scaled_size(preset.crop_size, host.data_scale)
     src_root, tgt_root = Path(config.source_root), Path(config.target_root)
     make_source = synthia_dataset if preset.source == 'synthia' else gta_dataset
-    source = make_source(src_root, scale=scaled(preset.source_scale), crop_size=crop)
-    target = cityscapes_dataset(tgt_root, 'train', scale=scaled(preset.target_scale), crop_size=crop, pseudo_margins=margins)
+    source_scale = _scaled_size(preset.source_scale, host.data_scale, src_root,
+                                'RGB/*.png' if preset.source == 'synthia' else 'images/*.png')
+    source = make_source(src_root, scale=source_scale, crop_size=crop)
+    target_scale = _scaled_size(preset.target_scale, host.data_scale, tgt_root, 'leftImg8bit/train/*/*_leftImg8bit.png')
+    target = cityscapes_dataset(tgt_root, 'train', scale=target_scale, crop_size=crop, pseudo_margins=margins)
     rcs = None
     if host.rare_class_sampling:
         rcs_cfg = preset.rcs if config.rcs_min_pixels is None else dataclasses.replace(preset.rcs, min_pixels=config.rcs_min_pixels)
+        min_crop_ratio = getattr(host, 'rcs_min_crop_ratio', None)   # a host's own ratio (HRDA: 2.0 for 4× the pixels)
+        if min_crop_ratio is not None: rcs_cfg = dataclasses.replace(rcs_cfg, min_crop_ratio=min_crop_ratio)
         rcs = RareClassSampler(src_root, rcs_cfg, 'synthia' if preset.source == 'synthia' else 'gta')
     return Datasets(UDADataset(source, target, rcs), validation_set(config, host, tgt_root))
 
 def validation_set(config: TrainConfig, host: Host, target_root: Path | str | None = None) -> SegDataset:
     "The target val split at the test scale of `config.data` (× `host.data_scale`), with full-resolution labels."
-    scale = DATA_PRESETS[config.data].target_scale
-    if scale is not None: scale = tuple(int(round(s * host.data_scale)) for s in scale)
-    return cityscapes_dataset(Path(target_root or config.target_root), 'val', scale=scale, crop_size=None,
-                              flip_prob=0.0, label_at_full_res=True)
+    root = Path(target_root or config.target_root)
+    scale = _scaled_size(DATA_PRESETS[config.data].target_scale, host.data_scale, root, 'leftImg8bit/val/*/*_leftImg8bit.png')
+    return cityscapes_dataset(root, 'val', scale=scale, crop_size=None, flip_prob=0.0, label_at_full_res=True)
+
+def _scaled_size(size: tuple[int, int] | None, data_scale: float, root: Path | None = None,
+                 pattern: str = '') -> tuple[int, int] | None:
+    """A preset's `size` (w, h) × `data_scale`. A preset at native size (None: the toy) stays native at data_scale 1;
+    otherwise it becomes the size of its first image (`root`/`pattern`) × `data_scale` (HRDA on the toy, see blda.hrda)."""
+    if size is None and data_scale != 1 and root is not None:
+        from blda.convert import image_size
+        first = next(iter(sorted(root.glob(pattern))), None)
+        size = image_size(first) if first is not None else None   # no image: the dataset reports it
+    return None if size is None else tuple(int(round(s * data_scale)) for s in size)
 
 # %% ../nbs/31_train.ipynb #2f971c49
 def _derived_seed(*keys: int) -> int:

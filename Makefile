@@ -44,8 +44,9 @@ export: venv
 	  git status --short -- blda; exit 1; \
 	else echo "export check: blda/ matches nbs/"; fi
 
+# Two notebooks at a time, one torch thread each: oversubscribed OpenMP threads are many times slower.
 nbtest: venv
-	$(BIN)/nbdev-test --n-workers 2 --timing
+	OMP_NUM_THREADS=1 $(BIN)/nbdev-test --n-workers 2 --timing
 
 pytest: venv
 	$(BIN)/pytest -q

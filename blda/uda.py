@@ -42,6 +42,8 @@ class StepConfig:
     jitter_p: float = 0.2
     jitter_fires: str = 'above'             # quirk §1.2: fires at 1 − p
     blur: bool = True
+    source_weight: float = 1.0              # scales the criterion's source terms (CDAC: 0.5, baselines.md §2.5)
+    mixed_weight: float = 1.0               # scales the criterion's mixed terms (CDAC: 0.5)
     amp: bool = False                       # bf16 autocast of the forward passes (the loop sets it on CUDA only)
 
     def __post_init__(self):
@@ -57,6 +59,8 @@ class StepConfig:
         c(self.jitter_strength >= 0, 'jitter_strength', f"must be ≥ 0, got {self.jitter_strength}")
         c(0 <= self.jitter_p <= 1, 'jitter_p', f"must lie in [0, 1], got {self.jitter_p}")
         c(self.jitter_fires in ('above', 'below'), 'jitter_fires', f"must be 'above' or 'below', got {self.jitter_fires!r}")
+        c(self.source_weight >= 0, 'source_weight', f"must be ≥ 0, got {self.source_weight}")
+        c(self.mixed_weight >= 0, 'mixed_weight', f"must be ≥ 0, got {self.mixed_weight}")
 
 # %% ../nbs/30_uda.ipynb #c957e9ff
 @dataclass
@@ -224,6 +228,10 @@ class StepResult:
         values = torch.stack([v.float() for v in out.values()]).tolist() if out else []
         return dict(zip(out, values))
 
+def _weighted(terms: LossTerms, weight: float) -> LossTerms:
+    "`terms` times `weight`; weight 1 returns `terms` itself, so unweighted hosts stay bit-identical."
+    return terms if weight == 1 else LossTerms(weight * terms.ce, weight * terms.cdf)
+
 def _collect(components: Sequence[Component], hook: str, ctx: StepContext) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for c in components:
@@ -245,7 +253,8 @@ def uda_step(student: nn.Module, teacher: nn.Module | None, batch: UDABatch, ite
         ctx.source = student(batch.source_image)
     size = batch.source_label.shape[-2:]
     ctx.source_logits = upsample(ctx.source.logits, size)
-    terms = criterion.source(ctx.source_logits, batch.source_label, upsample(ctx.source.cdf, size))
+    terms = _weighted(criterion.source(ctx.source_logits, batch.source_label, upsample(ctx.source.cdf, size)),
+                      config.source_weight)
     extra = _collect(components, 'after_source', ctx)
     (terms.total + sum(extra.values())).backward()
     losses.update(src_ce=terms.ce.detach(), src_cdf=terms.cdf.detach(), **{k: v.detach() for k, v in extra.items()})
@@ -267,18 +276,20 @@ def uda_step(student: nn.Module, teacher: nn.Module | None, batch: UDABatch, ite
         ctx.mixed_out = student(ctx.mixed_image)
     size = ctx.mixed.labels.shape[-2:]
     ctx.mixed_logits = upsample(ctx.mixed_out.logits, size)
-    terms = criterion.mixed(ctx.mixed_logits, ctx.mixed.labels, ctx.mixed.is_target, ctx.mixed.weight,
-                            upsample(ctx.mixed_out.cdf, size))
+    terms = _weighted(criterion.mixed(ctx.mixed_logits, ctx.mixed.labels, ctx.mixed.is_target, ctx.mixed.weight,
+                                      upsample(ctx.mixed_out.cdf, size)), config.mixed_weight)
     extra = _collect(components, 'after_mixed', ctx)
     (terms.total + sum(extra.values())).backward()
     losses.update(mix_ce=terms.ce.detach(), mix_cdf=terms.cdf.detach(), **{k: v.detach() for k, v in extra.items()})
 
-    # 4. losses with their own forward passes (e.g. MIC's masked target), one backward each
+    # 4. losses with their own forward passes (MIC's masked target, CDAC's joint streams): one backward per
+    #    component, of the sum of its losses (they may share one graph)
     for c in components:
-        for name, loss in c.extra_losses(ctx).items():
+        extra = c.extra_losses(ctx)
+        for name in extra:
             if name in losses: raise ValueError(f"loss name {name!r} is used twice")
-            loss.backward()
-            losses[name] = loss.detach()
+        if extra: sum(extra.values()).backward()
+        losses.update({k: v.detach() for k, v in extra.items()})
     return StepResult(losses, ctx.pseudo.weight.mean(), dict(jittered=aug.jittered, blurred=aug.blurred))
 
 # %% ../nbs/30_uda.ipynb #9774142b

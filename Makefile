@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export MPLBACKEND := Agg
 export PYTHONHASHSEED := 0
 
-.PHONY: venv table demo test export nbtest pytest benchmark clean
+.PHONY: venv table demo test export nbtest pytest benchmark docs clean
 
 JOBS ?= 2
 
@@ -53,6 +53,10 @@ pytest: venv
 
 benchmark: venv
 	$(BIN)/blda benchmark
+
+# Static HTML of every notebook (tutorials first) in _docs/, from their saved outputs.
+docs: venv
+	$(BIN)/blda docs
 
 clean:
 	rm -rf $(VENV) .pytest_cache

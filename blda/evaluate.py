@@ -83,8 +83,7 @@ def evaluate(model: nn.Module, dataset, num_classes: int = 19, mode: str = 'whol
     C = num_classes
     def forward(x: Tensor) -> Tensor:
         ctx = torch.autocast('cuda', dtype=torch.bfloat16) if amp and x.is_cuda else contextlib.nullcontext()
-        with ctx: z = model(x).logits.float()
-        return z if tracker is None else torch.cat([z, posthoc(z, tracker, posthoc_tau, 'target')], 1)
+        with ctx: return model(x).logits.float()
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     cms = torch.zeros(2 if tracker is not None else 1, C, C, dtype=torch.int64, device=device)
     from tqdm.auto import tqdm
@@ -94,9 +93,12 @@ def evaluate(model: nn.Module, dataset, num_classes: int = 19, mode: str = 'whol
             image, label = sample['img'][None].to(device), sample['gt'][None].to(device)
             out = predict_whole(forward, image) if mode == 'whole' else predict_slide(forward, image, crop, stride)
             out = resize(out, label.shape[-2:])
-            if on_image is not None: on_image(i, out[:, :C], label, out[:, C:] if tracker is not None else None)
-            for k in range(cms.shape[0]):
-                cms[k] += confusion_matrix(out[:, k * C:(k + 1) * C].argmax(1), label, C, IGNORE_INDEX).to(device)
+            # Post hoc on the logits at the labels' resolution: the tracker was fitted on logits upsampled to
+            # the labels, and bilinear upsampling does not commute with the non-linear adjustment.
+            balanced = posthoc(out, tracker, posthoc_tau, 'target') if tracker is not None else None
+            if on_image is not None: on_image(i, out, label, balanced)
+            for k, scores_k in enumerate((out, balanced)[:cms.shape[0]]):
+                cms[k] += confusion_matrix(scores_k.argmax(1), label, C, IGNORE_INDEX).to(device)
     finally:
         model.train(was_training)
     result = _metrics(cms[0].cpu(), classes, names) | {'images': n}

@@ -306,14 +306,12 @@ class HRDAHost(Host):
     fusion: str = 'reference'                # quirk: attention applied on the LR grid, then upsampled (hrda_head.py)
     crop_offsets: str = 'reference'          # quirk: get_crop_bbox never draws the last offset
     rescale_fused: bool = True               # the fused loss counts 1 − λ_d, as hrda_head.py's losses
-    pseudo_margins: tuple[int, int, int, int] | None = (30, 240, 30, 30)   # v2 PL crop (top, bottom, left, right), full res
-    rcs_min_crop_ratio: float = 2.0          # RCS crops need min_pixels × 2.0 pixels of the class
 
     def __post_init__(self):
         if not 0 <= self.detail_weight < 1: raise ValueError(f"HRDAHost.detail_weight must lie in [0, 1), got {self.detail_weight}")
         if self.pseudo_margins is not None and (len(self.pseudo_margins) != 4 or min(self.pseudo_margins) < 0):
             raise ValueError(f"HRDAHost.pseudo_margins must be None or four integers ≥ 0, got {self.pseudo_margins}")
-        if self.rcs_min_crop_ratio < 0: raise ValueError(f"HRDAHost.rcs_min_crop_ratio must be ≥ 0, got {self.rcs_min_crop_ratio}")
+        if self.rcs_min_crop_ratio is not None and self.rcs_min_crop_ratio < 0: raise ValueError(f"HRDAHost.rcs_min_crop_ratio must be ≥ 0, got {self.rcs_min_crop_ratio}")
         if self.data_scale <= 0: raise ValueError(f"HRDAHost.data_scale must be > 0, got {self.data_scale}")
 
     def wrap_model(self, model: nn.Module) -> HRDASegmentor:
@@ -325,7 +323,9 @@ class HRDAHost(Host):
 
 HRDA = HRDAHost(**{f.name: getattr(DAFORMER, f.name) for f in dataclasses.fields(Host)}
                 | dict(name='hrda', step=dataclasses.replace(DAFORMER.step, pseudo_crop_rows=None), data_scale=2.0,
-                       eval_mode='slide'))
+                       eval_mode='slide',
+                       pseudo_margins=(30, 240, 30, 30),   # v2 PL crop (top, bottom, left, right), full resolution
+                       rcs_min_crop_ratio=2.0))            # RCS crops need min_pixels × 2.0 pixels of the class
 
 # %% ../nbs/36_hrda.ipynb #43ca6d9c
 class HRDAMaskedConsistency(MaskedConsistency):

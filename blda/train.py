@@ -195,7 +195,7 @@ def resolve_host(config: TrainConfig, device: torch.device | None = None) -> tup
                                amp=config.precision == 'bf16' and device is not None and device.type == 'cuda')
     if config.alpha is not None: step = dataclasses.replace(step, alpha=config.alpha)
     margins = config.pseudo_margins
-    host_margins = getattr(host, 'pseudo_margins', None)   # v2 margins a host asks for, full-resolution pixels (HRDA)
+    host_margins = host.pseudo_margins   # v2 margins a host asks for, full-resolution pixels (HRDA)
     if margins is None and config.data == 'toy' and (step.pseudo_crop_rows is not None or host_margins is not None):
         margins = _toy_margins(Path(config.target_root))
     if margins is None: margins = host_margins
@@ -228,7 +228,7 @@ def build_datasets(config: TrainConfig, host: Host, margins: tuple | None) -> Da
     rcs = None
     if host.rare_class_sampling:
         rcs_cfg = preset.rcs if config.rcs_min_pixels is None else dataclasses.replace(preset.rcs, min_pixels=config.rcs_min_pixels)
-        min_crop_ratio = getattr(host, 'rcs_min_crop_ratio', None)   # a host's own ratio (HRDA: 2.0 for 4× the pixels)
+        min_crop_ratio = host.rcs_min_crop_ratio   # a host's own ratio (HRDA: 2.0 for 4× the pixels)
         if min_crop_ratio is not None: rcs_cfg = dataclasses.replace(rcs_cfg, min_crop_ratio=min_crop_ratio)
         rcs = RareClassSampler(src_root, rcs_cfg, 'synthia' if preset.source == 'synthia' else 'gta')
     return Datasets(UDADataset(source, target, rcs), validation_set(config, host, tgt_root))

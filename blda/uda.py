@@ -303,6 +303,8 @@ class Host:
     fd_classes: tuple[int, ...] | None = FD_THING_CLASSES
     fd_min_ratio: float = 0.75
     data_scale: float = 1.0                     # HRDA: 2 (images resized and cropped at twice the data preset's sizes)
+    pseudo_margins: tuple[int, int, int, int] | None = None   # v2 PL margins (top, bottom, left, right), full res; HRDA (30, 240, 30, 30)
+    rcs_min_crop_ratio: float | None = None     # None: the data preset's (0.5); HRDA 2.0
     eval_mode: str = 'whole'                    # 'whole' (DAFormer family) or 'slide' (HRDA)
 
     def wrap_model(self, model: nn.Module) -> nn.Module:

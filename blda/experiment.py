@@ -4,7 +4,7 @@
 
 # %% ../nbs/40_experiment.ipynb #968ca9a0
 from __future__ import annotations
-import csv, dataclasses, io, json, math, os
+import csv, dataclasses, io, math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -13,12 +13,13 @@ import torch
 from torch import Tensor
 from .classes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, IGNORE_INDEX, colorize
 from .metrics import LogitHistogram
-from .train import TrainConfig, TrainResult, json_safe
+from .evaluate_cli import write_json
+from .train import TrainConfig, TrainResult, _atomic_write, json_safe
 
 # %% auto #0
 __all__ = ['REPORT_PARAMETERS', 'experiment_config', 'Example', 'Observer', 'FinalEvaluation', 'final_evaluation', 'run_metrics',
-           'write_json_atomic', 'per_class_rows', 'write_csv', 'format_rows', 'plot_per_class', 'plot_bias',
-           'bias_extremes', 'plot_logit_distributions', 'plot_examples', 'experiment_notebook']
+           'per_class_rows', 'write_csv', 'format_rows', 'plot_per_class', 'plot_bias', 'bias_extremes',
+           'plot_logit_distributions', 'plot_examples', 'experiment_notebook']
 
 # %% ../nbs/40_experiment.ipynb #00ea89e3
 REPORT_PARAMETERS = ('row', 'posthoc_tau', 'threads', 'examples', 'config_overrides')
@@ -116,13 +117,6 @@ def run_metrics(result: TrainResult, final: FinalEvaluation, row: str = '', seco
                           seconds_per_iter=train_records[-1]['seconds_per_iter'] if train_records else None,
                           seconds=seconds or {}, config=c.to_dict(), **final.metrics))
 
-def write_json_atomic(path: Path | str, obj) -> None:
-    "Write `obj` as JSON to `path` through a temporary file and a rename (never a half-written file)."
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
 def per_class_rows(metrics: dict) -> list[dict]:
     "One dict per class: class, IoU, Acc, Bias (and posthoc_IoU, posthoc_Acc, posthoc_Bias when present)."
     names = list(metrics['IoU'])
@@ -144,8 +138,7 @@ def write_csv(path: Path | str, rows: list[dict]) -> None:
     w.writeheader()
     fmt = lambda v: '' if v is None or (isinstance(v, float) and math.isnan(v)) else (f"{v:.4f}" if isinstance(v, float) else v)
     for r in rows: w.writerow({k: fmt(v) for k, v in r.items()})
-    path = Path(path); tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(buf.getvalue()); os.replace(tmp, path)
+    _atomic_write(Path(path), lambda f: f.write(buf.getvalue().encode()))
 
 def format_rows(rows: list[dict], digits: int = 1) -> str:
     "`rows` as a Markdown table (None and NaN as '–')."

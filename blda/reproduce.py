@@ -4,7 +4,7 @@
 
 # %% ../nbs/41_reproduce.ipynb #01f32b81
 from __future__ import annotations
-import argparse, dataclasses, json, math, os, queue, sys, time, traceback
+import argparse, dataclasses, json, math, os, queue, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,8 +190,8 @@ def _kernel_manager(log: Path):
     return LoggedKernelManager
 
 def _write_status(folder: Path, **status) -> None:
-    from blda.experiment import write_json_atomic
-    write_json_atomic(folder/'status.json', status)
+    from blda.evaluate_cli import write_json
+    write_json(folder/'status.json', status)
 
 def execute_run(run: Run, notebook: Path | str | None = None, device: str | None = None,
                 threads: int | None = None) -> RunOutcome:
@@ -371,15 +371,15 @@ def plot_table(results: Sequence[RowResult]):
 def write_table(spec: TableSpec, results: Sequence[RowResult], out: Path) -> str:
     "Write `table.md`, `table.csv` and `table.png` into `out`; returns the Markdown."
     from blda.experiment import write_csv
+    from blda.train import _atomic_write
     out.mkdir(parents=True, exist_ok=True)
     text = table_markdown(spec, results)
-    tmp = out/f".table.md.{os.getpid()}.tmp"; tmp.write_text(text); os.replace(tmp, out/'table.md')
+    _atomic_write(out/'table.md', lambda f: f.write(text.encode()))
     write_csv(out/'table.csv', table_records(results))
     fig = plot_table(results)
     if fig is not None:
         import matplotlib.pyplot as plt
-        fig.savefig(out/f".table.png.{os.getpid()}.tmp.png", dpi=100); plt.close(fig)
-        os.replace(out/f".table.png.{os.getpid()}.tmp.png", out/'table.png')
+        _atomic_write(out/'table.png', lambda f: fig.savefig(f, format='png', dpi=100)); plt.close(fig)
     return text
 
 # %% ../nbs/41_reproduce.ipynb #d2e2e991
@@ -431,10 +431,9 @@ def reproduce(table: str | Path = 'toy', out: Path | str | None = None, rows: Se
     from blda.settings import load_settings
     from blda.train import DATA_CHOICES
     if jobs < 1: raise UserError(f"--jobs must be ≥ 1, got {jobs}")
-    for module, extra in (('papermill', 'experiments'), ('yaml', 'experiments'), ('submitit', 'experiments')):
-        if launcher == 'local' and module == 'submitit': continue
+    for module in ('papermill', 'yaml') + (('submitit',) if launcher != 'local' else ()):
         try: __import__(module)
-        except ImportError: raise UserError(f"blda reproduce needs {module}: pip install -e '.[{extra}]'") from None
+        except ImportError: raise UserError(f"blda reproduce needs {module}: pip install -e '.[experiments]'") from None
     if launcher not in LAUNCHERS: raise UserError(f"--launcher must be one of {LAUNCHERS}, got {launcher!r}")
     spec = load_table(table)
     try: settings = load_settings()

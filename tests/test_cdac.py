@@ -4,6 +4,8 @@ import copy, dataclasses, math, warnings
 from pathlib import Path
 
 import pytest
+
+from conftest import assert_same_state, train_once_and_resumed
 import torch
 import torch.nn.functional as F
 from segmentation_models_pytorch.encoders.mix_transformer import Attention as MiTAttention
@@ -342,13 +344,6 @@ def test_cdac_trains_with_finite_losses(toy, tmp_path, blda):
 
 def test_cdac_resume_is_bit_exact(toy, tmp_path):
     "The joint pass draws only from the global generator (DropPath, Dropout), which checkpoints hold."
-    cfg = config(toy, tmp_path/'once', iterations=4, eval_interval=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        once = train(cfg)
-        train(dataclasses.replace(cfg, output_dir=str(tmp_path/'twice'), stop_after=2))
-        twice = train(dataclasses.replace(cfg, output_dir=str(tmp_path/'twice')))
-    a, b = once.state.state_dict(), twice.state.state_dict()
-    for key in ('student', 'teacher'):
-        for name in a[key]: assert torch.equal(a[key][name], b[key][name]), (key, name)
+    once, twice = train_once_and_resumed(config(toy, tmp_path/'once', iterations=4, eval_interval=0))
+    assert_same_state(once, twice)
     assert [r['attn_kl'] for r in once.log] == [r['attn_kl'] for r in twice.log]

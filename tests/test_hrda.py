@@ -4,6 +4,8 @@ import copy, dataclasses, json, math, warnings
 from pathlib import Path
 
 import pytest
+
+from conftest import assert_same_state, train_once_and_resumed
 import torch
 import torch.nn.functional as F
 
@@ -287,15 +289,8 @@ def test_blda_evaluate_on_an_hrda_run(runs, capsys):
 
 def test_hrda_resume_is_bit_exact(toy, tmp_path):
     "The detail crops are drawn from the global generator, which the checkpoint holds: a resumed run equals one run."
-    cfg = config(toy, tmp_path/'once', iterations=3, eval_interval=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        once = train(cfg)
-        train(dataclasses.replace(cfg, output_dir=str(tmp_path/'twice'), stop_after=2))
-        twice = train(dataclasses.replace(cfg, output_dir=str(tmp_path/'twice')))
-    a, b = once.state.state_dict(), twice.state.state_dict()
-    for key in ('student', 'teacher'):
-        for name in a[key]: assert torch.equal(a[key][name], b[key][name]), (key, name)
+    once, twice = train_once_and_resumed(config(toy, tmp_path/'once', iterations=3, eval_interval=0))
+    assert_same_state(once, twice)
     assert [r['src_detail'] for r in once.log] == [r['src_detail'] for r in twice.log]
 
 # ------------------------------------------------------------------------------------------ MIC on HRDA

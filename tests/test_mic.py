@@ -3,6 +3,8 @@ import copy, dataclasses, math, warnings
 from pathlib import Path
 
 import pytest
+
+from conftest import assert_same_state, train_once_and_resumed
 import torch
 
 import blda.mic
@@ -121,13 +123,6 @@ def test_mic_trains_with_finite_losses(toy, tmp_path, blda):
 
 def test_mic_blda_resume_is_bit_exact(toy, tmp_path):
     "The masked pass draws from the step's generator, so a resumed MIC run equals an uninterrupted one."
-    cfg = config(toy, tmp_path/'once', blda=True, iterations=4, eval_interval=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        once = train(cfg)
-        train(dataclasses.replace(cfg, output_dir=str(tmp_path/'twice'), stop_after=2))
-        twice = train(dataclasses.replace(cfg, output_dir=str(tmp_path/'twice')))
-    a, b = once.state.state_dict(), twice.state.state_dict()
-    for key in ('student', 'teacher', 'criterion'):
-        for name in a[key]: assert torch.equal(a[key][name], b[key][name]), (key, name)
+    once, twice = train_once_and_resumed(config(toy, tmp_path/'once', blda=True, iterations=4, eval_interval=0))
+    assert_same_state(once, twice, ('student', 'teacher', 'criterion'))
     assert [r['mic'] for r in once.log] == [r['mic'] for r in twice.log]

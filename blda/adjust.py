@@ -14,15 +14,17 @@ from .tracker import DOMAINS, LogitTracker
 __all__ = ['posthoc', 'posthoc_direct']
 
 # %% ../nbs/05_adjust.ipynb #b640fca7
-def _posthoc_chunk(zc: Tensor, a: Tensor, b: Tensor, w: Tensor, table: Tensor, est: Tensor, row: Tensor,
-                   tau: float, clamp: float) -> Tensor:
-    """Scores for one chunk. `zc`: `(p, 1, C)` logits; `a`, `b`, `w`: `(C, C, K)` with
-    Φ((z − μ)/σ) = ½(1 + erf(a·z + b)); `est`: `(C, C)` bool; `row`: `(C, C)` anchor index. Returns `(p, C)`."""
-    acc = torch.zeros(zc.shape[0], a.shape[0], a.shape[1], device=zc.device, dtype=zc.dtype)
-    for k in range(a.shape[-1]):
-        acc.addcmul_(torch.addcmul(b[..., k], zc, a[..., k]).erf_(), w[..., k])
+def _posthoc_chunk(zc: Tensor, coef: Tensor, table: Tensor, est: Tensor, tau: float, clamp: float) -> Tensor:
+    """Scores for one chunk. `zc`: `(p, 1, C)` logits; `coef`: `(K, 3, C, C)`, per component contiguous a, b, π
+    with Φ((z − μ)/σ) = ½(1 + erf(a·z + b)); `est`: `(C, C)` bool. Returns `(p, C)`."""
+    acc = torch.zeros(zc.shape[0], coef.shape[2], coef.shape[3], device=zc.device, dtype=zc.dtype)
+    for k in range(coef.shape[0]):
+        acc.addcmul_(torch.addcmul(coef[k, 1], zc, coef[k, 0]).erf_(), coef[k, 2])
     cdf = acc.mul_(0.5).add_(0.5).clamp_(0, 1)                                # (p, c, l) = F_{c,l}(z_l)
-    moved = table_quantile(cdf, table, clamp, row.expand_as(cdf))
+    # every logit through the negative anchor, then the diagonal l = c again through the positive one
+    moved = table_quantile(cdf, table[1:], clamp)
+    diagonal = moved.diagonal(dim1=1, dim2=2)
+    diagonal.copy_(table_quantile(cdf.diagonal(dim1=1, dim2=2), table[:1], clamp))
     adjusted = torch.where(est, torch.lerp(zc.expand_as(moved), moved, tau), zc)   # z + τ(T(z) − z)
     return adjusted.softmax(-1).diagonal(dim1=1, dim2=2)
 
@@ -45,16 +47,15 @@ def posthoc(logits: Tensor, tracker: LogitTracker, tau: float = 0.2, domain: str
     B, C, H, W = logits.shape
     if C != tracker.num_classes: raise ValueError(f"logits have {C} classes, the tracker {tracker.num_classes}")
     chunk_pixels = chunk_pixels or (32768 if logits.is_cuda else 1024)
-    z = logits.detach().float().permute(0, 2, 3, 1).reshape(-1, C)             # (P, C)
+    z = logits.detach().float().permute(0, 2, 3, 1).reshape(-1, C).contiguous()   # (P, C), row-major even when B = 1
     w, m, v = tracker.mixture(domain)                                          # (C, C, K): [hypothesis c, logit l, k]
-    a = (2 * v).clamp_min(1e-30).rsqrt(); b = -m * a
+    a = (2 * v).clamp_min(1e-30).rsqrt()
+    coef = torch.stack([a, -m * a, w]).permute(3, 0, 1, 2).contiguous()        # (K, 3, C, C): contiguous slices
     est = tracker.estimated(domain) & tracker.estimated('anchor').all()        # (C, C)
-    row = (~torch.eye(C, dtype=torch.bool, device=z.device)).long()             # anchor 0 on the diagonal
     chunk = _compiled_chunk() if (logits.is_cuda if compile is None else compile) else _posthoc_chunk
     out = torch.empty_like(z)
     for s in range(0, z.shape[0], chunk_pixels):
-        out[s:s + chunk_pixels] = chunk(z[s:s + chunk_pixels, None, :], a, b, w, tracker.anchor_table, est, row,
-                                        tau, tracker.clamp)
+        out[s:s + chunk_pixels] = chunk(z[s:s + chunk_pixels, None, :], coef, tracker.anchor_table, est, tau, tracker.clamp)
     return out.view(B, H, W, C).permute(0, 3, 1, 2)
 
 # %% ../nbs/05_adjust.ipynb #ac82b3da

@@ -22,15 +22,25 @@ def synthetic_batch(batch: int, classes: int, height: int, width: int, device, g
     logits = logits + 1.5 * torch.randn(batch, classes, height, width, generator=generator)
     return logits.to(device), labels.to(device)
 
+def _median(values) -> float:
+    values = sorted(values)
+    return values[len(values) // 2]
+
+def _time_rounds(fns: dict, device, repeats: int, warmup: int = 3) -> dict[str, list[float]]:
+    "Wall times in milliseconds of each `fns[name]()`, called in turn in `repeats` interleaved rounds."
+    sync = torch.cuda.synchronize if torch.device(device).type == 'cuda' else (lambda: None)
+    for fn in fns.values():
+        for _ in range(warmup): fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(); t = time.perf_counter(); fn(); sync()
+            times[name].append((time.perf_counter() - t) * 1e3)
+    return times
+
 def _timeit(fn, device, repeats: int, warmup: int = 3) -> float:
     "Median wall time of `fn()` in milliseconds."
-    sync = torch.cuda.synchronize if torch.device(device).type == 'cuda' else (lambda: None)
-    for _ in range(warmup): fn()
-    times = []
-    for _ in range(repeats):
-        sync(); t = time.perf_counter(); fn(); sync()
-        times.append((time.perf_counter() - t) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return _median(_time_rounds(dict(fn=fn), device, repeats, warmup)['fn'])
 
 def _peak_extra_mib(fn, device) -> float | None:
     "Peak memory allocated by `fn()` above what was allocated before, in MiB (CUDA only)."
@@ -43,8 +53,13 @@ def _peak_extra_mib(fn, device) -> float | None:
 # %% ../nbs/92_benchmark.ipynb #a8365613
 def run_benchmark(device: str = 'cpu', batch: int = 2, classes: int = 19, height: int = 128, width: int = 128,
                   posthoc_size: tuple[int, int] = (256, 512), repeats: int = 20, seed: int = 0,
-                  compile: bool | None = None) -> dict:
-    "Measure the steps described above; returns a dict of milliseconds, MiB and ratios. `compile`: see `LogitTracker`."
+                  compile: bool | None = None, retain_memory: bool = True) -> dict:
+    """Measure the steps described above; returns a dict of milliseconds, MiB and ratios. `compile`: see
+    `LogitTracker`. `retain_memory`: on CPU, keep freed memory in the process as `train` does
+    (`blda.train.retain_freed_memory`)."""
+    if retain_memory and torch.device(device).type == 'cpu':
+        from blda.train import retain_freed_memory
+        retain_freed_memory()
     g = torch.Generator().manual_seed(seed); torch.manual_seed(seed)
     logits, labels = synthetic_batch(batch, classes, height, width, device, g)
     is_target = torch.zeros_like(labels, dtype=torch.bool); is_target[..., width // 2:] = True
@@ -61,13 +76,19 @@ def run_benchmark(device: str = 'cpu', batch: int = 2, classes: int = 19, height
         blda.source(leaf, labels).total.backward()
     def mixed():
         blda.mixed(leaf, labels, is_target, weight).total.backward()
+    steps = dict(plain=plain, source=source, mixed=mixed,
+                 update=lambda: tracker.update(logits, labels, 'source'),     # the parts of the source step
+                 shift=lambda: tracker.shift(logits, labels, 'source'))
 
-    out = dict(device=str(device), shape=[batch, classes, height, width], compiled_steps=tracker._compiles(logits))
-    out['plain_ce_ms'] = _timeit(plain, device, repeats)
-    out['blda_source_ms'] = _timeit(source, device, repeats)
-    out['blda_mixed_ms'] = _timeit(mixed, device, repeats)
-    out['source_ratio'] = out['blda_source_ms'] / out['plain_ce_ms']
-    out['mixed_ratio'] = out['blda_mixed_ms'] / out['plain_ce_ms']
+    counts = torch.bincount(labels.flatten().cpu(), minlength=classes)
+    fitted = counts[counts >= tracker.min_pixels]
+    out = dict(device=str(device), shape=[batch, classes, height, width], compiled_steps=tracker._compiles(logits),
+               grid_classes=len(fitted), grid_samples=min(int(fitted.min()), tracker.max_samples) if len(fitted) else 0)
+    t = _time_rounds(steps, device, repeats)
+    for name in steps: out[f'{name}_ms'] = _median(t[name])
+    out['plain_ce_ms'], out['blda_source_ms'], out['blda_mixed_ms'] = out.pop('plain_ms'), out.pop('source_ms'), out.pop('mixed_ms')
+    for name in ('source', 'mixed'):   # the median of the per-round ratios
+        out[f'{name}_ratio'] = _median(b / p for b, p in zip(t[name], t['plain']))
     out['plain_ce_peak_mib'] = _peak_extra_mib(plain, device)
     out['blda_source_peak_mib'] = _peak_extra_mib(source, device)
     out['blda_mixed_peak_mib'] = _peak_extra_mib(mixed, device)
@@ -90,9 +111,11 @@ def run_benchmark(device: str = 'cpu', batch: int = 2, classes: int = 19, height
 
 def format_report(r: dict) -> str:
     lines = [f"device {r['device']}, step batch {tuple(r['shape'])}, posthoc {tuple(r['posthoc_shape'])}, "
-             f"tracker {'compiled' if r['compiled_steps'] else 'eager'}",
+             f"tracker {'compiled' if r['compiled_steps'] else 'eager'}, "
+             f"grid {r['grid_classes']} classes × {r['grid_samples']} samples",
              f"  plain CE fwd+bwd     {r['plain_ce_ms']:8.2f} ms",
-             f"  BLDA source step     {r['blda_source_ms']:8.2f} ms   ratio {r['source_ratio']:.2f}x",
+             f"  BLDA source step     {r['blda_source_ms']:8.2f} ms   ratio {r['source_ratio']:.2f}x"
+             f"   (update {r['update_ms']:.2f} ms, shift {r['shift_ms']:.2f} ms)",
              f"  BLDA mixed step      {r['blda_mixed_ms']:8.2f} ms   ratio {r['mixed_ratio']:.2f}x",
              f"  posthoc (eager)      {r['posthoc_ms']:8.2f} ms"]
     if r['blda_source_peak_mib'] is not None:
@@ -115,6 +138,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--compile', choices=('auto', 'yes', 'no'), default='auto',
                         help='fuse the tracker kernels with torch.compile (auto: on CUDA only)')
     parser.add_argument('--json', default=None, help='also write the numbers to this JSON file')
+    parser.add_argument('--no-retain-memory', dest='retain_memory', action='store_false',
+                        help="on CPU, let glibc return freed memory to the system (train keeps it; see blda.train)")
 
 def run(args: argparse.Namespace) -> int:
     from blda.cli import UserError
@@ -124,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     B, C, H, W = args.shape or ((2, 19, 512, 512) if gpu else (2, 19, 128, 128))
     compile = dict(auto=None, yes=True, no=False)[args.compile]
     r = run_benchmark(device, B, C, H, W, tuple(args.posthoc_size or ((1024, 2048) if gpu else (256, 512))), args.repeats,
-                      compile=compile)
+                      compile=compile, retain_memory=args.retain_memory)
     print(format_report(r))
     if args.json:
         from pathlib import Path

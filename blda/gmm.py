@@ -11,7 +11,7 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['VAR_FLOOR', 'Mixture', 'compute_dtype', 'normal_cdf', 'mixture_cdf', 'mixture_logpdf', 'mixture_quantile',
-           'quantile_table', 'table_quantile', 'em_step', 'init_from_quantiles', 'fit_mixture']
+           'quantile_table', 'table_quantile', 'em_fit', 'em_step', 'init_from_quantiles', 'fit_mixture']
 
 # %% ../nbs/02_gmm.ipynb #98e4aad7
 VAR_FLOOR = 1e-4          # smallest variance a fitted component may have (the official code's clip)
@@ -111,19 +111,24 @@ def table_quantile(p: Tensor, table: Tensor, clamp: float, row: Tensor | None = 
 
     `p`: any shape `S`, clamped to [clamp, 1 − clamp]; `table`: `(T, size)`; `row`: integer tensor of
     shape `S` choosing the table row per element (default row 0). Returns `S` in the table's dtype."""
-    size = table.shape[-1]
-    pos = (p.to(table.dtype).clamp(clamp, 1 - clamp) - clamp) * ((size - 1) / (1 - 2 * clamp))
-    i0 = pos.floor().clamp(0, size - 2)
-    frac = pos - i0
-    idx = i0.long() if row is None else i0.long() + row * size
-    flat = table.reshape(-1)
-    lo, hi = flat[idx], flat[idx + 1]
-    return torch.lerp(lo, hi, frac)
+    T, size = table.shape
+    pos = (p.to(table.dtype) - clamp).mul_((size - 1) / (1 - 2 * clamp)).clamp_(0, size - 1)   # clamping p
+    i0 = pos.to(torch.int32 if T * (size + 1) < 2**31 else torch.int64)   # floor: pos ≥ 0
+    frac = pos.frac_()
+    if row is not None: i0 = i0 + row * (size + 1)
+    # Two copies of the table shifted by one entry, each padded with its last value, so that the upper
+    # neighbour of the last entry exists and both reads use the same index: no `+ 1` or clamp pass.
+    lo = torch.cat([table, table[:, -1:]], 1).view(-1)
+    hi = torch.cat([table[:, 1:], table[:, -1:], table[:, -1:]], 1).view(-1)
+    shape, idx = i0.shape, i0.reshape(-1)
+    # index_select is several times faster than flat[idx] on CPU
+    return torch.lerp(lo.index_select(0, idx).view(shape), hi.index_select(0, idx).view(shape), frac)
 
 # %% ../nbs/02_gmm.ipynb #b46e5f7e
-def em_step(x: Tensor, sample_weight: Tensor, mixture: Mixture, var_floor: float = VAR_FLOOR,
-            reduce: Callable[[Tensor], Tensor] | None = None) -> Mixture:
-    """One EM step. `x`, `sample_weight`: `(..., N)`; `mixture` fields: `(..., K)`. Returns `(..., K)`.
+def em_fit(x: Tensor, sample_weight: Tensor, mixture: Mixture, steps: int = 1, var_floor: float = VAR_FLOOR,
+           reduce: Callable[[Tensor], Tensor] | None = None) -> Mixture:
+    """`steps` EM steps from `mixture`. `x`, `sample_weight`: `(..., N)`; `mixture` fields: `(..., K)`.
+    Returns `(..., K)`.
 
     `reduce`, if given, sums the sufficient statistics across processes (`torch.distributed.all_reduce`),
     so that every process computes the fit of the union of all processes' samples."""
@@ -132,31 +137,34 @@ def em_step(x: Tensor, sample_weight: Tensor, mixture: Mixture, var_floor: float
     lead, N, K = x.shape[:-1], x.shape[-1], w.shape[-1]
     x, sw = x.reshape(-1, N), sw.reshape(-1, N)                                      # (E, N)
     w, m, v = (t.expand(*lead, K).reshape(-1, K) for t in (w, m, v))                # (E, K)
-    # Centre each entry on its current mixture mean: the moments below are then one pass (a batched matrix
-    # product) without cancellation, even for logits of size 1e4.
+    # Centred on the starting mixture mean, the moments stay free of cancellation even for logits of size 1e4.
     centre = (w * m).sum(-1, keepdim=True)                                           # (E, 1)
-    xc, mc = x - centre, m - centre
-    v = v.clamp_min(_TINY)
-    const = w.clamp_min(_TINY).log() - 0.5 * (math.log(2 * math.pi) + v.log())        # (E, K)
-    d = xc.unsqueeze(1) - mc.unsqueeze(2)                                            # (E, K, N)
-    logp = torch.addcmul(const.unsqueeze(2), d.square_(), (-0.5 / v).unsqueeze(2))    # log π_k N(x; μ_k, σ_k²)
-    top = logp[:, 0]
-    for k in range(1, K): top = torch.maximum(top, logp[:, k])                 # faster than max over a middle axis
-    resp = logp.sub_(top.unsqueeze(1)).exp_()
-    resp.mul_((sw / resp.sum(1)).unsqueeze(1))                                       # responsibilities × sample weight
-    moments = reduce(torch.stack([resp.sum(-1), torch.bmm(resp, xc.unsqueeze(-1))[..., 0],
-                                  torch.bmm(resp, xc.square().unsqueeze(-1))[..., 0]], -1))   # (E, K, 3): Σr, Σr·x, Σr·x²
+    xc = x - centre
+    affine = torch.stack([xc, torch.ones_like(xc)], 1)                               # (E, 2, N)
+    integrands = torch.stack([sw, sw * xc, sw * xc.square()], -1)                    # (E, N, 3)
     total = reduce(sw.sum(-1, keepdim=True))                                         # (E, 1)
-    mass = moments[..., 0]
-    safe = mass.clamp_min(_TINY)
-    mean_c = moments[..., 1] / safe
-    var = (moments[..., 2] / safe - mean_c.square()).clamp_min(0)
-    alive = mass > 1e-8 * total
     has_data = total > 0
-    out = Mixture(torch.where(has_data, mass / total.clamp_min(_TINY), w),
-                  torch.where(alive, mean_c + centre, m),
-                  torch.where(alive, var.clamp_min(var_floor), v))
-    return Mixture(*(t.reshape(*lead, K) for t in out))
+    for _ in range(steps):
+        v = v.clamp_min(_TINY)
+        r = (0.5 / v).sqrt()                                                         # 1 / (σ√2)
+        u = torch.bmm(torch.stack([r, -r * (m - centre)], -1), affine)              # (E, K, N): (x − μ_k) / (σ_k√2)
+        const = (w.clamp_min(_TINY).log() - 0.5 * v.log()).unsqueeze(-1)             # log π_k N(x) + ½log 2π = const − u²
+        resp = torch.softmax(torch.addcmul(const, u, u, value=-1), 1)                # (E, K, N)
+        moments = reduce(torch.bmm(resp, integrands))                                # (E, K, 3): Σrw, Σrw·x, Σrw·x²
+        mass = moments[..., 0]
+        safe = mass.clamp_min(_TINY)
+        mean_c = moments[..., 1] / safe
+        var = (moments[..., 2] / safe - mean_c.square()).clamp_min(0)
+        alive = mass > 1e-8 * total
+        w = torch.where(has_data, mass / total.clamp_min(_TINY), w)
+        m = torch.where(alive, mean_c + centre, m)
+        v = torch.where(alive, var.clamp_min(var_floor), v)
+    return Mixture(*(t.reshape(*lead, K) for t in (w, m, v)))
+
+def em_step(x: Tensor, sample_weight: Tensor, mixture: Mixture, var_floor: float = VAR_FLOOR,
+            reduce: Callable[[Tensor], Tensor] | None = None) -> Mixture:
+    "One EM step: `em_fit` with `steps=1`."
+    return em_fit(x, sample_weight, mixture, 1, var_floor, reduce)
 
 def init_from_quantiles(x: Tensor, sample_weight: Tensor, components: int = 5,
                         var_floor: float = VAR_FLOOR) -> Mixture:
@@ -180,5 +188,4 @@ def fit_mixture(x: Tensor, sample_weight: Tensor | None = None, components: int 
     "Fit mixtures to `x` `(..., N)` with `steps` EM steps, from `init` or from the data's quantiles."
     sw = torch.ones_like(x) if sample_weight is None else sample_weight
     mix = init_from_quantiles(x, sw, components, var_floor) if init is None else init
-    for _ in range(steps): mix = em_step(x, sw, mix, var_floor)
-    return mix
+    return em_fit(x, sw, mix, steps, var_floor)

@@ -33,7 +33,7 @@ __all__ = ['HOSTS', 'DATA_CHOICES', 'PRECISIONS', 'RESUMABLE_CHANGES', 'DATA_PRE
            'DataPreset', 'resolve_host', 'Datasets', 'build_datasets', 'validation_set', 'SeededPairs', 'make_loader',
            'lr_factor', 'TrainState', 'build_criterion', 'build_student', 'build_state', 'rng_state', 'set_rng_state',
            'seed_everything', 'save_checkpoint', 'load_checkpoint', 'rank_random_states', 'json_safe', 'write_log',
-           'read_log', 'TrainResult', 'resolve_device', 'train']
+           'read_log', 'retain_freed_memory', 'TrainResult', 'resolve_device', 'train']
 
 # %% ../nbs/31_train.ipynb #0f247eaf
 DATA_CHOICES = ('gta2cs', 'synthia2cs', 'toy')
@@ -423,6 +423,18 @@ def read_log(path: Path | str) -> list[dict]:
     "Records of a metrics log."
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
+# %% ../nbs/31_train.ipynb #1c3203de
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # mallopt parameters, glibc's malloc.h
+
+def retain_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 << 30) -> bool:
+    """Serve allocations below `mmap_threshold` bytes from the heap and return at most `trim_threshold`
+    bytes of free heap to the system, so that the tensors a step frees are reused without page faults.
+    Affects the whole process; returns whether glibc accepted the settings."""
+    import ctypes
+    try: mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError): return False   # not glibc
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
 # %% ../nbs/31_train.ipynb #c222c4ae
 TIMING_KEYS = ('seconds_per_iter', 'seconds')
 
@@ -513,6 +525,7 @@ def train(config: TrainConfig) -> TrainResult:
 
 def _train(config: TrainConfig, procs: _Procs) -> TrainResult:
     device, lead = procs.device, procs.lead
+    if device.type == 'cpu': retain_freed_memory()
     out = Path(config.output_dir); out.mkdir(parents=True, exist_ok=True)
     host, margins = resolve_host(config, device)
     datasets = build_datasets(config, host, margins)

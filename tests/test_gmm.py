@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.stats import norm
 from sklearn.mixture import GaussianMixture
-from blda.gmm import (Mixture, em_step, fit_mixture, init_from_quantiles, mixture_cdf, mixture_logpdf,
+from blda.gmm import (Mixture, em_fit, em_step, fit_mixture, init_from_quantiles, mixture_cdf, mixture_logpdf,
                       mixture_quantile, quantile_table, table_quantile)
 
 
@@ -89,6 +89,31 @@ def test_batched_masked_em_matches_separate_fits():
     single = fit_mixture(b, components=3, steps=10)
     for t_b, t_s in zip(batched, single):
         assert torch.allclose(t_b[1], t_s, atol=1e-5)
+
+
+def test_em_fit_equals_repeated_steps():
+    "`em_fit` shares its features across steps; the result is that of `steps` separate `em_step` calls."
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(6, 400, generator=g) * 2 + torch.randn(6, 1, generator=g) * 5
+    sw = (torch.rand(6, 400, generator=g) > 0.2).float()
+    start = fit_mixture(x, sw, components=5, steps=1)
+    stepped = start
+    for _ in range(3): stepped = em_step(x, sw, stepped)
+    for a, b in zip(em_fit(x, sw, start, steps=3), stepped):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_em_fit_float32_matches_float64_with_narrow_components():
+    "Components at the variance floor, 200× narrower than their mixture and far from its centre: float32 EM stays close to float64 EM."
+    g = torch.Generator().manual_seed(9)
+    x = torch.cat([torch.randn(1, 500, generator=g) * 0.01 + 5, torch.randn(1, 500, generator=g) * 2], 1)
+    sw = torch.ones_like(x)
+    start = fit_mixture(x, sw, components=5, steps=50)
+    assert (start.variances < 1e-3).sum() >= 2                               # the narrow components exist
+    single = em_fit(x, sw, start, steps=3)
+    double = em_fit(x.double(), sw.double(), Mixture(*(t.double() for t in start)), steps=3)
+    for name, a, b in zip(('weights', 'means', 'variances'), single, double):
+        assert (a.double() - b).abs().max() < 1e-3, name
 
 
 def _finite(mix):

@@ -112,6 +112,24 @@ def test_sample_per_class_is_uniform_and_respects_sizes():
     assert (counts - 600).abs().max() < 100                                # 2000 × 3 / 10 per pixel
 
 
+def test_memory_layouts_give_the_same_state_and_shift():
+    "Contiguous, channels-last and single-image logits: the flattening must not depend on the strides."
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(1, 3, 16, 24, generator=g) + 3 * torch.nn.functional.one_hot(
+        torch.randint(0, 3, (1, 16, 24), generator=g), 3).permute(0, 3, 1, 2)
+    y = z.argmax(1); y[0, :2] = 255
+    results = []
+    for logits in (z.contiguous(), z.contiguous(memory_format=torch.channels_last)):
+        tracker = LogitTracker(3, warmup=2, min_pixels=10)
+        torch.manual_seed(0)
+        for _ in range(3): tracker.update(logits, y, 'source')
+        results.append((tracker.state_dict(), tracker.shift(logits, y, 'source')))
+    (s0, shift0), (s1, shift1) = results
+    for k in s0: assert torch.allclose(s0[k].float(), s1[k].float(), atol=1e-6), k
+    assert torch.allclose(shift0.delta, shift1.delta, atol=1e-5) and torch.equal(shift0.label_estimated, shift1.label_estimated)
+    assert (shift0.delta[0, :, 2:] != 0).any() and (shift0.delta[0, :, :2] == 0).all()
+
+
 def test_checkpoint_restore_is_exact():
     a = LogitTracker(3, warmup=10, min_pixels=50)
     fitted(a, steps=20)

@@ -89,7 +89,7 @@ def quantile_table(mixture: Mixture, clamp: float, size: int = 16384, grid: int 
     """Quantiles at `size` evenly spaced probabilities in [clamp, 1 − clamp].
 
     `mixture` fields: `(T, K)`. Returns `(T, size)`. The CDF is evaluated once on `grid` evenly spaced points
-    spanning the bracket of all the wanted quantiles, then inverted by search and linear interpolation:
+    spanning the bracket of all the wanted quantiles, then inverted by counting and linear interpolation:
     no iteration and no host synchronisation. The read-back error stays below 2e-5 in probability on
     random five-component mixtures spread over ±15 (`tests/test_gmm.py` checks < 1e-4)."""
     if not 0 < clamp < 0.5: raise ValueError(f"clamp must lie in (0, 0.5), got {clamp}")
@@ -100,9 +100,15 @@ def quantile_table(mixture: Mixture, clamp: float, size: int = 16384, grid: int 
     lo, hi = (m - std * edge).min(-1).values, (m + std * edge).max(-1).values          # brackets of F⁻¹(r), F⁻¹(1 − r)
     x = torch.lerp(lo[:, None], hi[:, None], torch.linspace(0, 1, grid, dtype=torch.float64, device=device))   # (T, grid)
     F = mixture_cdf(x, w[:, None], m[:, None], v[:, None])                  # (T, grid), non-decreasing
-    p = torch.linspace(clamp, 1 - clamp, size, dtype=torch.float64, device=device).expand(F.shape[0], size).contiguous()
-    i = torch.searchsorted(F, p).clamp(1, grid - 1)
-    F0, F1, x0, x1 = F.gather(1, i - 1), F.gather(1, i), x.gather(1, i - 1), x.gather(1, i)
+    T, step = F.shape[0], (1 - 2 * clamp) / (size - 1)
+    # searchsorted(F, p) for the evenly spaced p_j = clamp + j·step, by counting instead of searching:
+    # #{i : F_i < p_j} = #{i : ⌊(F_i − clamp)/step⌋ + 1 ≤ j}, a bincount of those first j and a cumulative sum
+    first = (((F - clamp) / step).floor() + 1).clamp(0, size).long()
+    row = torch.arange(T, device=device)[:, None]
+    i = torch.bincount((first + row * (size + 1)).view(-1), minlength=T * (size + 1)).view(T, size + 1).cumsum(1)[:, :size]
+    i = i.clamp(1, grid - 1) + row * grid                                   # flat indices into F and x
+    F0, F1, x0, x1 = (t.reshape(-1).index_select(0, j.view(-1)).view(T, size) for t, j in ((F, i - 1), (F, i), (x, i - 1), (x, i)))
+    p = torch.linspace(clamp, 1 - clamp, size, dtype=torch.float64, device=device)
     t = ((p - F0) / (F1 - F0).clamp_min(_TINY)).clamp(0, 1)
     return torch.lerp(x0, x1, t).to(dtype)
 

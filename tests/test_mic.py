@@ -17,7 +17,7 @@ from blda.tracker import LogitTracker
 from blda.train import HOSTS, TrainConfig, resolve_host, train
 from blda.uda import PlainCriterion, StepConfig, UDABatch, uda_step, update_teacher
 
-ITERATIONS = 8
+ITERATIONS = 36   # "a few dozen" (issue 4)
 
 def config(toy: Path, out: Path, **kw) -> TrainConfig:
     base = dict(host='mic', encoder='mit_b0', data='toy', source_root=str(toy/'source'), target_root=str(toy/'target'),

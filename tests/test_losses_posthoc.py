@@ -49,6 +49,14 @@ def test_posthoc_chunked_equals_direct():
     assert torch.allclose(posthoc(z, tracker, tau=0.0), z.softmax(1), atol=1e-6)
 
 
+def test_posthoc_compiled_equals_eager():
+    "The torch.compile path (the default on CUDA) gives the eager scores; compiled here on the CPU."
+    g = torch.Generator().manual_seed(2); torch.manual_seed(2)
+    tracker = trained_tracker([1.0, 0, -1.0, 0.5], 4, g, steps=20)
+    z = torch.randn(1, 4, 6, 9, generator=g) * 3
+    assert torch.allclose(posthoc(z, tracker, tau=0.4, compile=True), posthoc(z, tracker, tau=0.4, compile=False), atol=1e-5)
+
+
 def test_mixed_batch_uses_the_explicit_domain_mask():
     # All pseudo-labels confident (weight exactly 1): the official weight==1 rule would file every target
     # pixel as source and never update the target grid (method.md §5.3.6).

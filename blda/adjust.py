@@ -61,7 +61,6 @@ def posthoc(logits: Tensor, tracker: LogitTracker, tau: float = 0.2, domain: str
 # %% ../nbs/05_adjust.ipynb #ac82b3da
 def posthoc_direct(logits: Tensor, tracker: LogitTracker, tau: float = 0.2, domain: str = 'target') -> Tensor:
     "Same result as `posthoc`, computed in one piece from the definition (small inputs only)."
-    from blda.gmm import mixture_cdf
     B, C, H, W = logits.shape
     z = logits.detach().float()[:, None, :, None]                               # (B, 1, l, 1, H, W)
     w, m, v = (t[None, :, :, :, None, None] for t in tracker.mixture(domain))  # (1, c, l, K, 1, 1)

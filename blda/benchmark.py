@@ -76,7 +76,7 @@ def run_benchmark(device: str = 'cpu', batch: int = 2, classes: int = 19, height
         blda.source(leaf, labels).total.backward()
     def mixed():
         blda.mixed(leaf, labels, is_target, weight).total.backward()
-    steps = dict(plain=plain, source=source, mixed=mixed,
+    steps = dict(plain_ce=plain, blda_source=source, blda_mixed=mixed,
                  update=lambda: tracker.update(logits, labels, 'source'),     # the parts of the source step
                  shift=lambda: tracker.shift(logits, labels, 'source'))
 
@@ -86,9 +86,8 @@ def run_benchmark(device: str = 'cpu', batch: int = 2, classes: int = 19, height
                grid_classes=len(fitted), grid_samples=min(int(fitted.min()), tracker.max_samples) if len(fitted) else 0)
     t = _time_rounds(steps, device, repeats)
     for name in steps: out[f'{name}_ms'] = _median(t[name])
-    out['plain_ce_ms'], out['blda_source_ms'], out['blda_mixed_ms'] = out.pop('plain_ms'), out.pop('source_ms'), out.pop('mixed_ms')
     for name in ('source', 'mixed'):   # the median of the per-round ratios
-        out[f'{name}_ratio'] = _median(b / p for b, p in zip(t[name], t['plain']))
+        out[f'{name}_ratio'] = _median(b / p for b, p in zip(t[f'blda_{name}'], t['plain_ce']))
     out['plain_ce_peak_mib'] = _peak_extra_mib(plain, device)
     out['blda_source_peak_mib'] = _peak_extra_mib(source, device)
     out['blda_mixed_peak_mib'] = _peak_extra_mib(mixed, device)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_tracker.ipynb #899dfb30
 from __future__ import annotations
-import functools, math
+import functools
 from typing import NamedTuple
 import torch
 import torch.distributed as dist
@@ -256,7 +256,6 @@ def shift(self: LogitTracker, logits: Tensor, labels: Tensor, domain: str | Tens
     _check_domain(domain)
     self._check_inputs(logits, labels, dict(domain=None if isinstance(domain, str) else domain))
     B, C, H, W = logits.shape
-    K = self.components
     z = logits.detach().float().permute(0, 2, 3, 1).reshape(-1, C).contiguous() # (P, C), row-major even when B = 1
     y = labels.reshape(-1).long()
     valid = (y >= 0) & (y < C)

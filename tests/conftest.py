@@ -18,18 +18,33 @@ def toy(tmp_path_factory) -> Path:
     return root
 
 
-def train_once_and_resumed(cfg, stop_after: int = 2):
-    """`cfg` trained in one go, and again in a sibling folder `twice` stopped after `stop_after` iterations
-    and resumed (warnings of rare-class sampling about classes absent from the tiny toy silenced)."""
-    import dataclasses, warnings
+def train_quietly(cfg):
+    "`blda.train.train(cfg)` with rare-class sampling's warnings about classes absent from the tiny toy silenced."
+    import warnings
     from blda.train import train
-    resumed = dataclasses.replace(cfg, output_dir=str(Path(cfg.output_dir).parent/'twice'))
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        once = train(cfg)
-        train(dataclasses.replace(resumed, stop_after=stop_after))
-        twice = train(resumed)
-    return once, twice
+        return train(cfg)
+
+
+def checked_train_log(res, iterations: int, expected: set) -> list:
+    "The training rows of `res.log`, after checking there are `iterations` of them and each logs every `expected` loss, finite."
+    import math
+    train_log = [r for r in res.log if r['kind'] == 'train']
+    assert res.iteration == iterations and len(train_log) == iterations
+    for r in train_log:
+        assert expected <= set(r) and all(math.isfinite(r[k]) for k in expected)
+    return train_log
+
+
+def train_once_and_resumed(cfg, stop_after: int = 2):
+    """`cfg` trained in one go, and again in a sibling folder `twice` stopped after `stop_after` iterations
+    and resumed (see `train_quietly`)."""
+    import dataclasses
+    resumed = dataclasses.replace(cfg, output_dir=str(Path(cfg.output_dir).parent/'twice'))
+    once = train_quietly(cfg)
+    train_quietly(dataclasses.replace(resumed, stop_after=stop_after))
+    return once, train_quietly(resumed)
 
 
 def assert_same_state(once, twice, keys=('student', 'teacher')) -> None:

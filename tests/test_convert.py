@@ -1,5 +1,5 @@
 """`blda prepare`: every converter on tiny fixtures in the exact reference layouts, and every bad input."""
-import json, os
+import json
 from pathlib import Path
 
 import cv2

@@ -7,7 +7,6 @@ import pytest
 import torch
 from PIL import Image
 
-from blda.cli import main
 from blda.convert import prepare
 from blda.data import (DataNotReady, RareClassSampler, RCSConfig, SegTransform, UDADataset, cat_max_ratio_crop,
                        cityscapes_dataset, crop_pseudo_weight, denormalize, gta_dataset, rcs_class_probabilities,

@@ -1,5 +1,4 @@
 "Oracles for blda.gmm: SciPy for the CDF, scikit-learn for EM, and the edge cases that must stay finite."
-import math
 import numpy as np
 import pytest
 import torch

@@ -2,7 +2,6 @@
 import json, os, subprocess, sys, time
 from pathlib import Path
 
-import pytest
 
 from blda.cli import main
 from blda.reproduce import load_table, plan_runs, run_state

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blda.losses import BLDALoss, LossTerms
+from blda.losses import BLDALoss
 from blda.models import build_model
 from blda.selftrain import classmix_masks
 from blda.tracker import LogitTracker

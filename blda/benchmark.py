@@ -4,14 +4,16 @@
 
 # %% ../nbs/92_benchmark.ipynb #7d9a0168
 from __future__ import annotations
-import argparse, json, time
+import argparse, json, os, time
+from pathlib import Path
 import torch
 from .adjust import posthoc
 from .losses import BLDALoss
 from .tracker import LogitTracker
 
 # %% auto #0
-__all__ = ['synthetic_batch', 'run_benchmark', 'format_report', 'add_arguments', 'run']
+__all__ = ['synthetic_batch', 'run_benchmark', 'format_report', 'toy_for_crops', 'run_train_benchmark', 'format_train_report',
+           'add_arguments', 'run']
 
 # %% ../nbs/92_benchmark.ipynb #02608c7b
 def synthetic_batch(batch: int, classes: int, height: int, width: int, device, generator=None):
@@ -126,6 +128,70 @@ def format_report(r: dict) -> str:
     elif 'posthoc_compiled_error' in r: lines += [f"  posthoc, compiled    failed: {r['posthoc_compiled_error']}"]
     return '\n'.join(lines)
 
+# %% ../nbs/92_benchmark.ipynb #e1008fba
+def toy_for_crops(root, crop: tuple[int, int], counts: dict | None = None, nproc: int = 1) -> Path:
+    """Generate (or reuse) and prepare a toy benchmark in `root` whose images hold `crop` `(h, w)`: height
+    max(128, h, ⌈w/2⌉), width twice that. `counts`: images per split (default 24 source, 24 target, 2 val)."""
+    from blda.convert import prepare
+    from blda.toy import make_toy, toy_config
+    root, h = Path(root), max(128, crop[0], -(-crop[1] // 2))
+    counts = counts or dict(source=24, target_train=24, target_val=2)
+    make_toy(root, toy_config(override=dict(image_size=[2 * h, h], counts=counts)), seed=0, nproc=nproc, progress=False)
+    for dataset, sub in (('gta', 'source'), ('cityscapes', 'target')): prepare(dataset, root/sub, nproc=nproc, progress=False)
+    return root
+
+def _steady_seconds_per_iter(log: list[dict], iterations: int) -> float:
+    "Median of the logged seconds per iteration after the first third of the run (warm-up, compilation)."
+    spi = [r['seconds_per_iter'] for r in log if r['kind'] == 'train' and r['iteration'] > iterations / 3]
+    return _median(spi)
+
+def run_train_benchmark(data_root, device: str = 'cpu', host: str = 'daformer', arch: str = 'T', encoder: str = 'mit_b0',
+                        embed_dim: int = 64, crop: tuple[int, int] = (128, 128), iterations: int = 30, batch_size: int = 2,
+                        precision: str = 'bf16', num_workers: int = 0, rounds: int = 1, seed: int = 0) -> dict:
+    """Train `host` on the toy benchmark in `data_root` (see `toy_for_crops`) without and with BLDA, `rounds`
+    times in turn (in alternating order), and return the steady-state seconds per iteration of each, peak memory on CUDA (GiB)
+    and BLDA's share of the step, (t_BLDA − t_host) / t_BLDA, the median over rounds."""
+    import tempfile, warnings
+    from blda.train import TrainConfig, train
+    cuda = torch.device(device).type == 'cuda'
+    root = Path(data_root)
+    runs = {False: [], True: []}
+    for i in range(rounds):
+        for blda in ((False, True) if i % 2 == 0 else (True, False)):   # alternate the order: a steady drift cancels
+            with tempfile.TemporaryDirectory(prefix='blda-bench-') as out:
+                cfg = TrainConfig(host=host, blda=blda, arch=arch, encoder=encoder, embed_dim=embed_dim, data='toy',
+                                  source_root=str(root/'source'), target_root=str(root/'target'), crop_size=crop,
+                                  iterations=iterations, warmup_iters=max(1, iterations // 10), gmm_warmup=max(1, iterations // 10),
+                                  batch_size=batch_size, num_workers=num_workers, seed=seed, device=device, precision=precision,
+                                  log_interval=max(1, iterations // 15), eval_interval=0, checkpoint_interval=0,
+                                  resume=False, progress=False, output_dir=out)
+                if cuda: torch.cuda.reset_peak_memory_stats()
+                with warnings.catch_warnings():   # rare-class sampling warns about classes absent from a small toy
+                    warnings.simplefilter('ignore')
+                    res = train(cfg)
+                runs[blda].append(dict(seconds_per_iter=_steady_seconds_per_iter(res.log, iterations),
+                                       peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None))
+    out = dict(device=str(device), host=host, arch=arch, encoder=encoder, embed_dim=embed_dim, crop=list(crop),
+               iterations=iterations, batch_size=batch_size, precision=precision if cuda else 'fp32', rounds=rounds)
+    for blda, key in ((False, 'host'), (True, 'blda')):
+        out[f'{key}_seconds_per_iter'] = _median(r['seconds_per_iter'] for r in runs[blda])
+        out[f'{key}_peak_gib'] = max(r['peak_gib'] for r in runs[blda]) if cuda else None
+    out['blda_share_per_round'] = [(b['seconds_per_iter'] - h['seconds_per_iter']) / b['seconds_per_iter']
+                                   for h, b in zip(runs[False], runs[True])]
+    out['blda_share'] = _median(out['blda_share_per_round'])
+    return out
+
+def format_train_report(r: dict) -> str:
+    lines = [f"device {r['device']}: {r['host']} ({r['arch']}, {r['encoder']}, head {r['embed_dim']}), crops {r['crop'][0]}×{r['crop'][1]}, "
+             f"batch {r['batch_size']} + {r['batch_size']}, {r['precision']}, {r['iterations']} iterations, {r['rounds']} round(s)"]
+    for key, name in (('host', 'without BLDA'), ('blda', 'with BLDA')):
+        s = r[f'{key}_seconds_per_iter']
+        mem = f", peak memory {r[f'{key}_peak_gib']:.2f} GiB" if r[f'{key}_peak_gib'] is not None else ''
+        lines.append(f"  {name:13s} {s * 1e3:9.1f} ms per iteration ({1 / s:.2f} it/s){mem}")
+    rounds = ', '.join(f'{100 * s:.1f}' for s in r['blda_share_per_round'])
+    lines.append(f"  BLDA's share of the step: {100 * r['blda_share']:.1f} %" + (f" (median of rounds: {rounds} %)" if r['rounds'] > 1 else ''))
+    return '\n'.join(lines)
+
 # %% ../nbs/92_benchmark.ipynb #ff6dcce6
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--device', default=None, help="'cpu' or 'cuda' (default: cuda if available)")
@@ -139,18 +205,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--json', default=None, help='also write the numbers to this JSON file')
     parser.add_argument('--no-retain-memory', dest='retain_memory', action='store_false',
                         help="on CPU, let glibc return freed memory to the system (train keeps it; see blda.train)")
+    t = parser.add_argument_group('training-step benchmark (--train)')
+    t.add_argument('--train', action='store_true', help="measure BLDA's share of real training steps instead (see below)")
+    t.add_argument('--host', default='daformer', help='the host trained without and with BLDA (default: daformer)')
+    t.add_argument('--arch', default='T', help="'T' or 'C' (default: T)")
+    t.add_argument('--encoder', default=None, help='default: mit_b5 on GPU, mit_b0 on CPU')
+    t.add_argument('--embed-dim', type=int, default=None, help="the DAFormer head's width (default: 256 on GPU, 64 on CPU)")
+    t.add_argument('--crop', type=int, nargs=2, metavar=('H', 'W'), default=None, help='default: 512 512 on GPU, 128 128 on CPU')
+    t.add_argument('--iterations', type=int, default=None, help='per run (default: 200 on GPU, 30 on CPU)')
+    t.add_argument('--batch-size', type=int, default=2)
+    t.add_argument('--precision', choices=('bf16', 'fp32'), default='bf16', help='autocast on CUDA (the CPU stays fp32)')
+    t.add_argument('--num-workers', type=int, default=None, help='data-loader workers (default: 8 on GPU, 0 on CPU)')
+    t.add_argument('--rounds', type=int, default=None, help='alternate the two runs this many times and report the median share (default: 1 on GPU, 3 on CPU)')
+    t.add_argument('--data', default=None, help='folder for the generated toy images, kept and reused (default: a temporary folder)')
 
 def run(args: argparse.Namespace) -> int:
     from blda.cli import UserError
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     if torch.device(device).type == 'cuda' and not torch.cuda.is_available(): raise UserError('--device cuda: no GPU is available')
     gpu = torch.device(device).type == 'cuda'
+    if args.train: return _run_train(args, device, gpu)
     B, C, H, W = args.shape or ((2, 19, 512, 512) if gpu else (2, 19, 128, 128))
     compile = dict(auto=None, yes=True, no=False)[args.compile]
     r = run_benchmark(device, B, C, H, W, tuple(args.posthoc_size or ((1024, 2048) if gpu else (256, 512))), args.repeats,
                       compile=compile, retain_memory=args.retain_memory)
     print(format_report(r))
-    if args.json:
-        from pathlib import Path
-        Path(args.json).write_text(json.dumps(r, indent=2))
+    if args.json: Path(args.json).write_text(json.dumps(r, indent=2))
+    return 0
+
+def _run_train(args: argparse.Namespace, device: str, gpu: bool) -> int:
+    import tempfile
+    from blda.cli import UserError
+    crop = tuple(args.crop or ((512, 512) if gpu else (128, 128)))
+    iterations = args.iterations if args.iterations is not None else (200 if gpu else 30)
+    rounds = args.rounds if args.rounds is not None else (1 if gpu else 3)
+    for name, value in (('--crop', min(crop)), ('--iterations', iterations), ('--batch-size', args.batch_size), ('--rounds', rounds)):
+        if value < 1: raise UserError(f"{name} must be at least 1, got {value}")
+    if iterations < 6: raise UserError(f"--iterations must be at least 6 (the first third is warm-up), got {iterations}")
+    encoder = args.encoder or ('mit_b5' if gpu else 'mit_b0')
+    embed_dim = args.embed_dim if args.embed_dim is not None else (256 if gpu else 64)
+    workers = args.num_workers if args.num_workers is not None else (min(8, os.cpu_count() or 1) if gpu else 0)
+    from blda.train import TrainConfig
+    from blda.train_cli import as_option_message
+    try:   # the options' errors before any toy image is made
+        TrainConfig(host=args.host, arch=args.arch, encoder=encoder, embed_dim=embed_dim, data='toy', crop_size=crop,
+                    batch_size=args.batch_size, num_workers=workers, precision=args.precision)
+    except ValueError as e: raise UserError(as_option_message(str(e))) from None
+    with tempfile.TemporaryDirectory(prefix='blda-bench-toy-') as tmp:
+        root = Path(args.data) if args.data else Path(tmp)
+        print(f"toy images for {crop[0]}×{crop[1]} crops in {root}", flush=True)
+        toy_for_crops(root, crop, nproc=min(8, os.cpu_count() or 1))
+        r = run_train_benchmark(root, device, args.host, args.arch, encoder, embed_dim, crop, iterations, args.batch_size,
+                                args.precision, workers, rounds)
+    print(format_train_report(r))
+    if args.json: Path(args.json).write_text(json.dumps(r, indent=2))
     return 0

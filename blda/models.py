@@ -14,7 +14,7 @@ import segmentation_models_pytorch as smp
 # %% auto #0
 __all__ = ['CLASSIFIER_PREFIXES', 'ARCH_ALIASES', 'DEFAULT_ENCODERS', 'REFERENCE_CUSTOM_KEYS', 'HeadOutput', 'SegOutput',
            'DLV2Head', 'conv_bn_relu', 'separable_conv', 'SeparableASPP', 'DAFormerHead', 'Segmentor',
-           'load_encoder_weights', 'build_model', 'param_groups']
+           'load_encoder_weights', 'encoder_known', 'build_model', 'param_groups']
 
 # %% ../nbs/20_models.ipynb #501564b5
 class HeadOutput(NamedTuple):
@@ -152,7 +152,8 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
 ARCH_ALIASES = {'c': 'C', 'deeplabv2': 'C', 'dlv2': 'C', 't': 'T', 'daformer': 'T'}
 DEFAULT_ENCODERS = {'C': 'resnet101', 'T': 'mit_b5'}
 
-def _encoder_known(name: str) -> bool:
+def encoder_known(name: str) -> bool:
+    "Whether `name` is an smp encoder (or a timm one, `tu-…`): a check that builds nothing."
     return name.startswith('tu-') or name in smp.encoders.encoders
 
 def build_model(arch: str = 'T', num_classes: int = 19, encoder: str | None = None,
@@ -167,7 +168,7 @@ def build_model(arch: str = 'T', num_classes: int = 19, encoder: str | None = No
     key = ARCH_ALIASES.get(str(arch).lower())
     if key is None: raise ValueError(f"arch must be one of 'C', 'T' (or {sorted(ARCH_ALIASES)}), got {arch!r}")
     encoder_name = encoder or DEFAULT_ENCODERS[key]
-    if not _encoder_known(encoder_name):
+    if not encoder_known(encoder_name):
         raise ValueError(f"encoder {encoder_name!r} is not an smp encoder; e.g. 'resnet101', 'resnet18', "
                          f"'mit_b5', 'mit_b0' or a timm name as 'tu-resnet101c'")
     if encoder_weights is not None:

@@ -19,7 +19,7 @@ from .data import (RCSConfig, RareClassSampler, SegDataset, TOY_CROP, TOY_PSEUDO
                        cityscapes_dataset, gta_dataset, synthia_dataset)
 from .evaluate import evaluate
 from .losses import BLDALoss
-from .models import ARCH_ALIASES, build_model, param_groups
+from .models import ARCH_ALIASES, build_model, encoder_known, param_groups
 from .tracker import LogitTracker
 from .uda import HOSTS, Component, Host, PlainCriterion, StepConfig, UDABatch, update_teacher, uda_step
 from .mic import MIC
@@ -112,6 +112,8 @@ class TrainConfig:
         c = lambda ok, name, msg: _check_field(ok, name, msg, getattr(self, name))
         c(self.host in HOSTS, 'host', f"must be one of {sorted(HOSTS)}")
         c(str(self.arch).lower() in ARCH_ALIASES, 'arch', "must be 'T' or 'C'")
+        c(self.encoder is None or encoder_known(self.encoder), 'encoder',
+          "is not an smp encoder (e.g. 'mit_b5', 'mit_b0', 'resnet101', 'resnet18', or a timm name as 'tu-resnet101c')")
         c(self.num_classes >= 2, 'num_classes', "must be at least 2")
         c(self.tau >= 0, 'tau', "must be ≥ 0")
         c(self.cdf_weight >= 0, 'cdf_weight', "must be ≥ 0")

@@ -176,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(config.to_dict(), indent=1)); return 0
     try: resolve_device(config.device)
     except ValueError as e: raise UserError(as_option_message(str(e))) from None
+    if config.encoder_weights and not Path(config.encoder_weights).expanduser().is_file():
+        raise UserError(f"--encoder-weights {config.encoder_weights}: no such file (weights are read from a local file, never downloaded)")
     check_resumable(config)
     t0 = time.perf_counter()
     result = train(config)

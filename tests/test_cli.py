@@ -1,5 +1,6 @@
 "The blda command line: commands run, and user errors are one clean line without a traceback."
 import os
+import pytest
 import subprocess
 import sys
 from pathlib import Path
@@ -41,3 +42,27 @@ def test_benchmark_small(tmp_path, capsys):
     import json
     r = json.loads(out.read_text())
     assert r['source_ratio'] > 0 and r['posthoc_ms'] > 0
+
+
+def test_benchmark_train(tmp_path, capsys):
+    "`blda benchmark --train`: two short runs on a toy it generates (and keeps in --data), and the share they give."
+    out, data = tmp_path/'train.json', tmp_path/'toy'
+    assert main(['benchmark', '--train', '--device', 'cpu', '--host', 'source_only', '--crop', '32', '32',
+                 '--iterations', '6', '--data', str(data), '--json', str(out)]) == 0
+    import json
+    r = json.loads(out.read_text())
+    host, blda = r['host_seconds_per_iter'], r['blda_seconds_per_iter']
+    assert host > 0 and blda > 0 and r['blda_share'] == pytest.approx((blda - host) / blda)
+    assert (r['host'], r['crop'], r['iterations']) == ('source_only', [32, 32], 6)
+    assert "BLDA's share of the step" in capsys.readouterr().out
+    assert (data/'source'/'sample_class_stats.json').is_file() and (data/'target'/'sample_class_stats.json').is_file()
+
+
+def test_benchmark_train_bad_options(tmp_path, capsys):
+    "Bad options are one clean line each, before any toy image is made."
+    data = tmp_path/'toy'
+    for argv, words in ((['--iterations', '3'], '--iterations must be at least 6'), (['--host', 'nope'], 'host must be one of'),
+                        (['--encoder', 'resnet7'], 'not an smp encoder'), (['--crop', '0', '32'], '--crop must be at least 1')):
+        assert main(['benchmark', '--train', '--device', 'cpu', '--data', str(data), *argv]) == 2
+        assert words in capsys.readouterr().err
+    assert not data.exists()

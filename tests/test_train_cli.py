@@ -67,6 +67,11 @@ def test_bad_choices_and_missing_data(tmp_path, capsys):
     assert "--data must be one of" in capsys.readouterr().err
     assert main(['train', '--host', 'hrdaa', '--print-config']) == 2
     assert "--host must be one of" in capsys.readouterr().err
+    assert main(['train', '--encoder', 'resnet7', '--print-config']) == 2
+    assert "--encoder is not an smp encoder" in capsys.readouterr().err
+    assert main(['train', '--data', 'toy', '--source-root', str(tmp_path/'none'), '--target-root', str(tmp_path/'none'),
+                 '--encoder-weights', str(tmp_path/'mit_b5.pth'), '--output-dir', str(tmp_path/'run'), '--no-progress']) == 2
+    assert f"--encoder-weights {tmp_path/'mit_b5.pth'}: no such file" in capsys.readouterr().err
     assert main(['train', '--data', 'toy', '--source-root', str(tmp_path/'none'), '--target-root', str(tmp_path/'none'),
                  '--output-dir', str(tmp_path/'run'), '--no-progress']) == 2
     err = capsys.readouterr().err

@@ -70,15 +70,15 @@ class LossTerms(NamedTuple):
 class BLDALoss(nn.Module):
     "Tracker update + balanced cross-entropy + cumulative-density regression, for source and mixed batches."
     def __init__(self, tracker: LogitTracker, tau: float = 0.1, cdf_weight: float = 0.2, update: bool = True,
-                 cdf_kind: str = 'l1', average: str = 'all'):
+                 cdf_kind: str = 'l1', average: str = 'all', mixed_tau: float | None = None):
         super().__init__()
         self.tracker, self.tau, self.cdf_weight, self.update = tracker, tau, cdf_weight, update
-        self.cdf_kind, self.average = cdf_kind, average
+        self.cdf_kind, self.average, self.mixed_tau = cdf_kind, average, mixed_tau
 
-    def _terms(self, logits, labels, domain, weight, cdf_pred) -> LossTerms:
-        need_shift = self.tau != 0 or (self.cdf_weight != 0 and cdf_pred is not None)
+    def _terms(self, logits, labels, domain, weight, cdf_pred, tau: float) -> LossTerms:
+        need_shift = tau != 0 or (self.cdf_weight != 0 and cdf_pred is not None)
         shift = self.tracker.shift(logits, labels, domain) if need_shift else None
-        ce = balanced_cross_entropy(logits, labels, shift.delta if shift else None, self.tau, weight,
+        ce = balanced_cross_entropy(logits, labels, shift.delta if shift else None, tau, weight,
                                     self.tracker.ignore_index, self.average)
         if cdf_pred is None or self.cdf_weight == 0: cdf = ce.new_zeros(())
         else: cdf = self.cdf_weight * cdf_regression_loss(cdf_pred, shift.label_cdf, weight, shift.label_estimated, self.cdf_kind)
@@ -88,7 +88,7 @@ class BLDALoss(nn.Module):
         """Clean source batch. `logits`: `(B, C, H, W)`; `labels`: `(B, H, W)` ground truth;
         `cdf_pred`: optional `(B, 1, H, W)` output of the cumulative-density head."""
         if self.update: self.tracker.update(logits, labels, 'source')
-        return self._terms(logits, labels, 'source', None, cdf_pred)
+        return self._terms(logits, labels, 'source', None, cdf_pred, self.tau)
 
     def mixed(self, logits: Tensor, labels: Tensor, is_target: Tensor, weight: Tensor | None = None,
               cdf_pred: Tensor | None = None) -> LossTerms:
@@ -99,4 +99,4 @@ class BLDALoss(nn.Module):
         if self.update:
             target_labels = torch.where(is_target, labels, torch.full_like(labels, self.tracker.ignore_index))
             self.tracker.update(logits, target_labels, 'target', weight)
-        return self._terms(logits, labels, is_target, weight, cdf_pred)
+        return self._terms(logits, labels, is_target, weight, cdf_pred, self.tau if self.mixed_tau is None else self.mixed_tau)

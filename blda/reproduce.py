@@ -30,6 +30,7 @@ class Row:
     paper: dict | None = None            # the paper's mIoU, mIoU_std, mAcc, mAcc_std (None: not reported)
     baseline: str | None = None          # the row without BLDA that this row extends
     optional: bool = False               # run only when asked for (--rows or --all): e.g. too slow for the main job
+    score: str = 'raw'                   # 'raw': the model's predictions; 'posthoc': its post-hoc balanced ones (BLDA runs)
 
     @property
     def host(self) -> str: return self.params.get('host', 'daformer')
@@ -80,7 +81,7 @@ def parse_table(spec: dict, source: Path | None = None) -> TableSpec:
     for i, r in enumerate(spec.get('rows') or []):
         at = f"{where}: rows[{i}]"
         if not isinstance(r, dict) or 'name' not in r: raise UserError(f"{at} needs a name")
-        bad = sorted(set(r) - {'name', 'label', 'params', 'paper', 'baseline', 'optional'})
+        bad = sorted(set(r) - {'name', 'label', 'params', 'paper', 'baseline', 'optional', 'score'})
         if bad: raise UserError(f"{at} ({r['name']}): unknown key(s) {bad}")
         name = str(r['name'])
         if name in names: raise UserError(f"{at}: the row name {name!r} is used twice")
@@ -91,8 +92,11 @@ def parse_table(spec: dict, source: Path | None = None) -> TableSpec:
         paper = r.get('paper')
         if paper is not None and (not isinstance(paper, dict) or set(paper) - set(PAPER_KEYS)):
             raise UserError(f"{at} ({name}): paper must map some of {PAPER_KEYS} to numbers")
-        rows.append(Row(name, str(r.get('label', name)), {**defaults, **(r.get('params') or {})}, paper, r.get('baseline'),
-                        bool(r.get('optional', False))))
+        params, score = {**defaults, **(r.get('params') or {})}, r.get('score', 'raw')
+        if score not in ('raw', 'posthoc'): raise UserError(f"{at} ({name}): score must be 'raw' or 'posthoc', got {score!r}")
+        if score == 'posthoc' and not (params.get('blda') and params.get('posthoc_tau', 0.2) is not None):
+            raise UserError(f"{at} ({name}): score 'posthoc' needs blda: true and a posthoc_tau (the post-hoc scores of a BLDA run)")
+        rows.append(Row(name, str(r.get('label', name)), params, paper, r.get('baseline'), bool(r.get('optional', False)), score))
     if not rows: raise UserError(f"{where}: no rows")
     for r in rows:
         if r.baseline is not None and r.baseline not in names:
@@ -292,6 +296,7 @@ def aggregate(spec: TableSpec, runs: Sequence[Run]) -> list[RowResult]:
         if not mine: continue
         states = [run_state(x) for x in mine]
         metrics = [json.loads((x.folder/'metrics.json').read_text()) for x, s in zip(mine, states) if s == 'done']
+        if r.score == 'posthoc': metrics = [m['posthoc'] | dict(seed=m['seed']) for m in metrics]
         errors = []
         for x, s in zip(mine, states):
             if s == 'failed':
@@ -319,7 +324,7 @@ def table_records(results: Sequence[RowResult]) -> list[dict]:
     records = []
     for x in results:
         rec: dict[str, Any] = dict(row=x.row.name, label=x.row.label, host=x.row.host, arch=x.row.params.get('arch', 'T'),
-                                   blda=bool(x.row.params.get('blda', False)), status=x.status,
+                                   blda=bool(x.row.params.get('blda', False)), score=x.row.score, status=x.status,
                                    seeds=' '.join(map(str, x.seeds)))
         for k in PAPER_KEYS: rec[k] = x.mean[k]; rec[f"{k}_seed_sd"] = x.sd[k]
         for k in PAPER_KEYS: rec[f"paper_{k}"] = (x.row.paper or {}).get(k, math.nan)

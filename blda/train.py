@@ -58,6 +58,7 @@ class TrainConfig:
     # BLDA (method.md §2)
     tau: float = 0.1
     cdf_weight: float = 0.2
+    mixed_tau: float | None = None          # τ of the mixed batch's CE; None: tau (0: the source CE alone is adjusted, OLA_S)
     min_pixels: int = 100
     gmm_components: int = 5
     gmm_momentum: float = 0.99
@@ -117,6 +118,7 @@ class TrainConfig:
         c(self.num_classes >= 2, 'num_classes', "must be at least 2")
         c(self.tau >= 0, 'tau', "must be ≥ 0")
         c(self.cdf_weight >= 0, 'cdf_weight', "must be ≥ 0")
+        c(self.mixed_tau is None or self.mixed_tau >= 0, 'mixed_tau', "must be None or ≥ 0")
         c(self.min_pixels >= 1, 'min_pixels', "must be ≥ 1")
         c(self.gmm_components >= 1, 'gmm_components', "must be ≥ 1")
         c(0 <= self.gmm_momentum < 1, 'gmm_momentum', "must lie in [0, 1)")
@@ -320,7 +322,7 @@ def build_criterion(config: TrainConfig) -> nn.Module:
     if not config.blda: return PlainCriterion()
     tracker = LogitTracker(config.num_classes, config.gmm_components, config.gmm_momentum, config.em_steps,
                            config.min_pixels, config.gmm_warmup)
-    return BLDALoss(tracker, tau=config.tau, cdf_weight=config.cdf_weight)
+    return BLDALoss(tracker, tau=config.tau, cdf_weight=config.cdf_weight, mixed_tau=config.mixed_tau)
 
 def build_student(config: TrainConfig, host: Host, encoder_weights: bool = True) -> nn.Module:
     "The initial student of `config` (a function of `config.seed`), wrapped by `host`; `encoder_weights=False` skips loading them."

@@ -91,3 +91,23 @@ def test_gradients_reach_the_model_only_through_the_logits():
     assert torch.allclose(logits.grad, ref_logits.grad, atol=1e-7)       # CE gradient as if Δ were a constant
     assert cdf_pred.grad.abs().sum() > 0                                  # the head learns from the CDF loss only
     assert torch.allclose(balanced_cross_entropy(z, y, delta, tau=0.0), F.cross_entropy(z, y))
+
+
+def test_mixed_tau_adjusts_the_mixed_batch_alone():
+    "`mixed_tau=0` (the paper's OLA_S ablation): the source CE is adjusted, the mixed one is plain; the tracker still learns both."
+    g = torch.Generator().manual_seed(4); torch.manual_seed(4)
+    z, y = biased_logits(2048, [1, 0, -1], g, 3)
+    is_target = torch.zeros_like(y, dtype=torch.bool); is_target[..., 1024:] = True
+    w = torch.where(is_target, 0.7, 1.0)
+    ola, ola_s = (BLDALoss(LogitTracker(3, warmup=5, min_pixels=20), tau=0.5, cdf_weight=0.0, mixed_tau=m) for m in (None, 0.0))
+    for loss in (ola, ola_s):
+        torch.manual_seed(5)   # the same pixel samples for both trackers
+        for _ in range(3): loss.source(z, y); loss.mixed(z, y, is_target, w)
+    states = [loss.tracker.state_dict() for loss in (ola, ola_s)]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])       # mixed_tau changes no update
+    ola.update = ola_s.update = False
+    assert torch.equal(ola.source(z, y).ce, ola_s.source(z, y).ce)               # nor the source loss
+    plain = balanced_cross_entropy(z, y, None, 0.0, w)
+    assert torch.allclose(ola_s.mixed(z, y, is_target, w).ce, plain)
+    assert not torch.allclose(ola.mixed(z, y, is_target, w).ce, plain)           # with mixed_tau None the mixed CE is shifted
+    assert ola_s.tracker.estimated('target').all()

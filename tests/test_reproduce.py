@@ -105,3 +105,33 @@ def test_gta2cs_spec_lists_the_poster_table(tmp_path, monkeypatch):
     papers = {x.row.name: x.row.paper['mIoU'] for x in results}
     assert papers['daformer-T'] == 68.3 and papers['mic-T-blda'] == 77.1
     assert all(x.status in ('pending', 'not implemented') for x in results)
+
+
+def test_posthoc_scored_row(tmp_path):
+    "A row with `score: posthoc` is aggregated from its runs' post-hoc metrics; a spec that cannot give them is refused."
+    import pytest
+    from blda.cli import UserError
+    from blda.reproduce import aggregate, parse_table, table_records
+    spec = parse_table(dict(name='t', defaults=dict(host='daformer'), rows=[
+        dict(name='base'), dict(name='ph', params=dict(blda=True, tau=0.0), score='posthoc', baseline='base')]))
+    runs = plan_runs(spec, tmp_path)
+    for run, (raw, balanced) in zip(runs, [(20.0, None), (21.0, 24.0)]):
+        scores = lambda v: dict(mIoU=v, mIoU_std=10.0, mAcc=v + 5, mAcc_std=12.0, IoU={'road': v}, Acc={'road': v}, bias=[0.0])
+        m = dict(seed=run.seed, **scores(raw), **({'posthoc': scores(balanced)} if balanced else {}))
+        run.folder.mkdir(parents=True); (run.folder/'metrics.json').write_text(json.dumps(m))
+    base, ph = aggregate(spec, runs)
+    assert (base.mean['mIoU'], ph.mean['mIoU'], ph.per_class_iou['road'], ph.seeds) == (20.0, 24.0, 24.0, [0])
+    assert [r['gain_mIoU'] for r in table_records([base, ph])][1] == 4.0
+    for row, words in ((dict(name='x', score='posthoc'), 'needs blda: true'), (dict(name='x', score='best'), "'raw' or 'posthoc'"),
+                       (dict(name='x', params=dict(blda=True, posthoc_tau=None), score='posthoc'), 'needs blda: true')):
+        with pytest.raises(UserError, match=words): parse_table(dict(rows=[row]))
+
+
+def test_toy_ablation_spec():
+    "The component ablation: the toy table's DAFormer and DAFormer + BLDA rows, and three partial BLDAs between them."
+    spec, toy = load_table('toy-ablation'), load_table('toy')
+    assert [r.name for r in spec.rows] == ['daformer', 'posthoc', 'ola-s', 'ola', 'ola-cde']
+    assert spec.row('daformer').params == toy.row('daformer').params
+    assert spec.row('ola-cde').params == toy.row('daformer-blda').params
+    assert spec.row('posthoc').score == 'posthoc' and spec.row('posthoc').params['tau'] == 0
+    assert spec.row('ola-s').params['mixed_tau'] == 0 and spec.row('ola').params['cdf_weight'] == 0

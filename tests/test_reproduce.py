@@ -46,7 +46,7 @@ def test_toy_quick_table_then_resume(toy, tmp_path):
         assert any(o.get('output_type') == 'display_data' for c in nb['cells'] for o in c.get('outputs', []))
         assert {'per_class.csv', 'per_class.png', 'bias.png', 'logits.png', 'examples.png', 'checkpoint.pt'} <= {f.name for f in folder.iterdir()}
     csv = (out/'table.csv').read_text().splitlines()
-    assert len(csv) == 7 and csv[0].startswith('row,label,host,arch,blda,status,seeds,mIoU,')
+    assert len(csv) == 7 and csv[0].startswith('row,label,host,arch,blda,score,status,seeds,mIoU,')
     assert (out/'table.png').stat().st_size > 0
     stamps = {row: (out/row/'s0'/'metrics.json').stat().st_mtime_ns for row in TOY_ROWS}
 

@@ -296,8 +296,9 @@ def aggregate(spec: TableSpec, runs: Sequence[Run]) -> list[RowResult]:
         if not mine: continue
         states = [run_state(x) for x in mine]
         metrics = [json.loads((x.folder/'metrics.json').read_text()) for x, s in zip(mine, states) if s == 'done']
-        if r.score == 'posthoc': metrics = [m['posthoc'] | dict(seed=m['seed']) for m in metrics]
-        errors = []
+        errors = [f"s{m['seed']}: its metrics.json has no post-hoc scores (posthoc_tau was None)"
+                  for m in metrics if r.score == 'posthoc' and 'posthoc' not in m]
+        if r.score == 'posthoc': metrics = [m['posthoc'] | dict(seed=m['seed']) for m in metrics if 'posthoc' in m]
         for x, s in zip(mine, states):
             if s == 'failed':
                 try: errors.append(f"s{x.seed}: " + json.loads((x.folder/'status.json').read_text()).get('error', ''))

@@ -122,6 +122,9 @@ def test_posthoc_scored_row(tmp_path):
     base, ph = aggregate(spec, runs)
     assert (base.mean['mIoU'], ph.mean['mIoU'], ph.per_class_iou['road'], ph.seeds) == (20.0, 24.0, 24.0, [0])
     assert [r['gain_mIoU'] for r in table_records([base, ph])][1] == 4.0
+    (runs[1].folder/'metrics.json').write_text(json.dumps(dict(seed=0, mIoU=21.0)))   # run with posthoc_tau None
+    ph = aggregate(spec, runs)[1]
+    assert ph.status == 'failed' and 'no post-hoc scores' in ph.errors[0]
     for row, words in ((dict(name='x', score='posthoc'), 'needs blda: true'), (dict(name='x', score='best'), "'raw' or 'posthoc'"),
                        (dict(name='x', params=dict(blda=True, posthoc_tau=None), score='posthoc'), 'needs blda: true')):
         with pytest.raises(UserError, match=words): parse_table(dict(rows=[row]))

@@ -392,6 +392,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'blda.tracker._update_anchors': ('tracker.html#_update_anchors', 'blda/tracker.py'),
                               'blda.tracker.delta': ('tracker.html#delta', 'blda/tracker.py'),
                               'blda.tracker.label_cdf': ('tracker.html#label_cdf', 'blda/tracker.py'),
+                              'blda.tracker.pixel_logits': ('tracker.html#pixel_logits', 'blda/tracker.py'),
                               'blda.tracker.sample_per_class': ('tracker.html#sample_per_class', 'blda/tracker.py'),
                               'blda.tracker.shift': ('tracker.html#shift', 'blda/tracker.py'),
                               'blda.tracker.update': ('tracker.html#update', 'blda/tracker.py')},

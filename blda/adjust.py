@@ -8,7 +8,7 @@ import functools
 import torch
 from torch import Tensor
 from .gmm import table_quantile
-from .tracker import DOMAINS, LogitTracker
+from .tracker import DOMAINS, LogitTracker, pixel_logits
 
 # %% auto #0
 __all__ = ['posthoc', 'posthoc_direct']
@@ -47,7 +47,7 @@ def posthoc(logits: Tensor, tracker: LogitTracker, tau: float = 0.2, domain: str
     B, C, H, W = logits.shape
     if C != tracker.num_classes: raise ValueError(f"logits have {C} classes, the tracker {tracker.num_classes}")
     chunk_pixels = chunk_pixels or (32768 if logits.is_cuda else 1024)
-    z = logits.detach().float().permute(0, 2, 3, 1).reshape(-1, C).contiguous()   # (P, C), row-major even when B = 1
+    z = pixel_logits(logits)                                                   # (P, C)
     w, m, v = tracker.mixture(domain)                                          # (C, C, K): [hypothesis c, logit l, k]
     a = (2 * v).clamp_min(1e-30).rsqrt()
     coef = torch.stack([a, -m * a, w]).permute(3, 0, 1, 2).contiguous()        # (K, 3, C, C): contiguous slices

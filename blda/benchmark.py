@@ -129,16 +129,14 @@ def format_report(r: dict) -> str:
     return '\n'.join(lines)
 
 # %% ../nbs/92_benchmark.ipynb #e1008fba
-def toy_for_crops(root, crop: tuple[int, int], counts: dict | None = None, nproc: int = 1) -> Path:
-    """Generate (or reuse) and prepare a toy benchmark in `root` whose images hold `crop` `(h, w)`: height
+def toy_for_crops(root, crop: tuple[int, int], counts: dict | None = None) -> Path:
+    """Generate and prepare (or reuse) a toy benchmark in `root` whose images hold `crop` `(h, w)`: height
     max(128, h, ⌈w/2⌉), width twice that. `counts`: images per split (default 24 source, 24 target, 2 val)."""
-    from blda.convert import prepare
-    from blda.toy import make_toy, toy_config
-    root, h = Path(root), max(128, crop[0], -(-crop[1] // 2))
+    from blda.reproduce import ensure_toy
+    h = max(128, crop[0], -(-crop[1] // 2))
     counts = counts or dict(source=24, target_train=24, target_val=2)
-    make_toy(root, toy_config(override=dict(image_size=[2 * h, h], counts=counts)), seed=0, nproc=nproc, progress=False)
-    for dataset, sub in (('gta', 'source'), ('cityscapes', 'target')): prepare(dataset, root/sub, nproc=nproc, progress=False)
-    return root
+    ensure_toy(Path(root), progress=False, override=dict(image_size=[2 * h, h], counts=counts))
+    return Path(root)
 
 def _steady_seconds_per_iter(log: list[dict], iterations: int) -> float:
     "Median of the logged seconds per iteration after the first third of the run (warm-up, compilation)."
@@ -253,8 +251,7 @@ def _run_train(args: argparse.Namespace, device: str, gpu: bool) -> int:
     except ValueError as e: raise UserError(as_option_message(str(e))) from None
     with tempfile.TemporaryDirectory(prefix='blda-bench-toy-') as tmp:
         root = Path(args.data) if args.data else Path(tmp)
-        print(f"toy images for {crop[0]}×{crop[1]} crops in {root}", flush=True)
-        toy_for_crops(root, crop, nproc=min(8, os.cpu_count() or 1))
+        toy_for_crops(root, crop)
         r = run_train_benchmark(root, device, args.host, args.arch, encoder, embed_dim, crop, iterations, args.batch_size,
                                 args.precision, workers, rounds)
     print(format_train_report(r))

@@ -94,7 +94,8 @@ def parse_table(spec: dict, source: Path | None = None) -> TableSpec:
             raise UserError(f"{at} ({name}): paper must map some of {PAPER_KEYS} to numbers")
         params, score = {**defaults, **(r.get('params') or {})}, r.get('score', 'raw')
         if score not in ('raw', 'posthoc'): raise UserError(f"{at} ({name}): score must be 'raw' or 'posthoc', got {score!r}")
-        if score == 'posthoc' and not (params.get('blda') and params.get('posthoc_tau', 0.2) is not None):
+        no_posthoc = 'posthoc_tau' in params and params['posthoc_tau'] is None   # absent: the notebook's default (0.2)
+        if score == 'posthoc' and (not params.get('blda') or no_posthoc):
             raise UserError(f"{at} ({name}): score 'posthoc' needs blda: true and a posthoc_tau (the post-hoc scores of a BLDA run)")
         rows.append(Row(name, str(r.get('label', name)), params, paper, r.get('baseline'), bool(r.get('optional', False)), score))
     if not rows: raise UserError(f"{where}: no rows")
@@ -389,15 +390,16 @@ def write_table(spec: TableSpec, results: Sequence[RowResult], out: Path) -> str
     return text
 
 # %% ../nbs/41_reproduce.ipynb #d2e2e991
-def ensure_toy(root: Path, size: str = 'default', progress: bool = True) -> bool:
-    "Generate and prepare the toy benchmark in `root` unless it is there; True if it was made."
+def ensure_toy(root: Path, size: str = 'default', progress: bool = True, override: dict | None = None) -> bool:
+    """Generate and prepare the toy benchmark in `root` unless it is there; True if it was made.
+    `size` and `override`: as in `blda.toy.toy_config`."""
     root = Path(root)
     ready = all((root/d/'sample_class_stats.json').is_file() for d in ('source', 'target'))
     if ready: return False
     from blda.convert import prepare
     from blda.toy import make_toy, toy_config
-    print(f"blda reproduce: generating the toy benchmark in {root}", flush=True)
-    make_toy(root, toy_config(size), seed=0, nproc=min(4, os.cpu_count() or 1), progress=progress)
+    print(f"generating the toy benchmark in {root}", flush=True)
+    make_toy(root, toy_config(size, override), seed=0, nproc=min(4, os.cpu_count() or 1), progress=progress)
     prepare('gta', root/'source', progress=False); prepare('cityscapes', root/'target', progress=False)
     return True
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .gmm import (VAR_FLOOR, Mixture, em_fit, init_from_quantiles, quantile_table, table_quantile)
 
 # %% auto #0
-__all__ = ['DOMAINS', 'Shift', 'LogitTracker', 'sample_per_class', 'update', 'shift', 'delta', 'label_cdf']
+__all__ = ['DOMAINS', 'Shift', 'pixel_logits', 'LogitTracker', 'sample_per_class', 'update', 'shift', 'delta', 'label_cdf']
 
 # %% ../nbs/03_tracker.ipynb #92fa2d7a
 DOMAINS = ('source', 'target')
@@ -27,6 +27,11 @@ class Shift(NamedTuple):
 def _compiled(fn):
     "`torch.compile` of a pure function, built once per process (the cache holds no state of the tracker)."
     return torch.compile(fn, dynamic=True)
+
+def pixel_logits(logits: Tensor) -> Tensor:
+    """`(B, C, H, W)` logits as detached float32 `(B·H·W, C)`, one pixel per row, row-major: the flat index
+    paths below need it, and for B = 1 a plain permute and reshape gives a column-major view."""
+    return logits.detach().float().permute(0, 2, 3, 1).reshape(-1, logits.shape[1]).contiguous()
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -174,7 +179,7 @@ def update(self: LogitTracker, logits: Tensor, labels: Tensor, domain: str, weig
     if not isinstance(domain, str): raise ValueError("update takes domain 'source' or 'target'; mask the labels to select pixels")
     self._check_inputs(logits, labels, dict(weight=weight))
     C = self.num_classes
-    z = logits.detach().float().permute(0, 2, 3, 1).reshape(-1, C).contiguous()    # (P, C), row-major even when B = 1
+    z = pixel_logits(logits)                                                         # (P, C)
     y = labels.reshape(-1).long()
     pix_w = torch.ones_like(z[:, 0]) if weight is None else weight.detach().reshape(-1).float()
     valid = (y >= 0) & (y < C) & (pix_w > 0)
@@ -256,7 +261,7 @@ def shift(self: LogitTracker, logits: Tensor, labels: Tensor, domain: str | Tens
     _check_domain(domain)
     self._check_inputs(logits, labels, dict(domain=None if isinstance(domain, str) else domain))
     B, C, H, W = logits.shape
-    z = logits.detach().float().permute(0, 2, 3, 1).reshape(-1, C).contiguous() # (P, C), row-major even when B = 1
+    z = pixel_logits(logits)                                                       # (P, C)
     y = labels.reshape(-1).long()
     valid = (y >= 0) & (y < C)
     yc = torch.where(valid, y, 0)

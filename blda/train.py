@@ -32,8 +32,8 @@ HOSTS = HOSTS | {h.name: h for h in (MIC, HRDA, MIC_HRDA, CDAC)}   # blda.uda's 
 __all__ = ['HOSTS', 'DATA_CHOICES', 'PRECISIONS', 'RESUMABLE_CHANGES', 'DATA_PRESETS', 'TOY_HEIGHT', 'TIMING_KEYS', 'TrainConfig',
            'DataPreset', 'resolve_host', 'Datasets', 'build_datasets', 'validation_set', 'SeededPairs', 'make_loader',
            'lr_factor', 'TrainState', 'build_criterion', 'build_student', 'build_state', 'rng_state', 'set_rng_state',
-           'seed_everything', 'save_checkpoint', 'load_checkpoint', 'rank_random_states', 'json_safe', 'write_log',
-           'read_log', 'retain_freed_memory', 'TrainResult', 'resolve_device', 'train']
+           'seed_everything', 'WriteError', 'save_checkpoint', 'load_checkpoint', 'rank_random_states', 'json_safe',
+           'write_log', 'read_log', 'retain_freed_memory', 'TrainResult', 'resolve_device', 'train']
 
 # %% ../nbs/31_train.ipynb #0f247eaf
 DATA_CHOICES = ('gta2cs', 'synthia2cs', 'toy')
@@ -364,15 +364,29 @@ def seed_everything(seed: int) -> None:
     s = _derived_seed(seed, 1)
     random.seed(s); np.random.seed(s % 2**32); torch.manual_seed(s)
 
+class WriteError(OSError):
+    "A file could not be written (disk full, no permission, …); the message names it. Any older version is intact."
+    def __str__(self) -> str: return self.strerror
+
+def _os_error_behind(e: BaseException | None) -> OSError | None:
+    "The `OSError` that caused `e`, if any: `torch.save` reports a full disk as a RuntimeError raised while handling it."
+    while e is not None and not isinstance(e, OSError): e = e.__cause__ or e.__context__
+    return e
+
 def _atomic_write(path: Path, write) -> None:
-    "Call `write(file)` on a temporary file next to `path`, flush it to disk, then move it onto `path`."
+    """Call `write(file)` on a temporary file next to `path`, flush it to disk, then move it onto `path`.
+    A failure to write raises `WriteError` naming `path`, and leaves neither the temporary file nor a changed `path`."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, 'wb') as f:
             write(f); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        cause = _os_error_behind(e)
+        if cause is None: raise
+        raise WriteError(cause.errno, f"cannot write {path}: {cause.strerror or cause}") from e
     finally:
-        if tmp.exists(): tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 def save_checkpoint(path: Path, state: TrainState, config: TrainConfig, iteration: int, log: list[dict],
                     ranks: list[dict] | None = None) -> None:

@@ -116,3 +116,32 @@ def test_evaluate_posthoc_needs_blda(toy, tmp_path, capsys):
     assert main(['evaluate', str(tmp_path/'r'), '--posthoc-tau', '0.2']) == 2
     assert '--blda' in capsys.readouterr().err
     assert main(['evaluate', str(tmp_path/'r'), '--weights', 'teacher']) == 2             # source-only has no teacher
+
+def test_full_disk_keeps_the_last_checkpoint(toy, tmp_path, capsys, monkeypatch):
+    "The disk fills up while the second checkpoint is written: one clear line, the first checkpoint intact, resumable."
+    import errno, io, os, torch
+    class FullDisk(io.RawIOBase):
+        def __init__(self, f): self.f, self.room = f, 4096
+        def writable(self): return True
+        def write(self, b):
+            if len(b) > self.room: raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.room -= len(b); return self.f.write(b)
+    real_save, saves = torch.save, []
+    def save(obj, f, *args, **kwargs):
+        saves.append(obj.get('iteration'))
+        return real_save(obj, FullDisk(f) if len(saves) == 2 else f, *args, **kwargs)
+    run = tmp_path/'run'
+    argv = small(toy, run, '--host', 'source_only', '--iterations', '4', '--eval-interval', '0', '--checkpoint-interval', '2')
+    monkeypatch.setattr(torch, 'save', save)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert saves == [2, 4] and err.count('\n') == 1 and 'Traceback' not in err
+        assert err.startswith(f"blda train: error: cannot write {run/'checkpoint.pt'}: No space left on device")
+        assert sorted(p.name for p in run.iterdir()) == ['checkpoint.pt', 'config.json', 'metrics.jsonl']
+        assert torch.load(run/'checkpoint.pt', weights_only=False)['iteration'] == 2
+        monkeypatch.undo()
+        assert main(argv) == 0                                           # resumes at 2 once there is room again
+    assert 'at iteration 4/4' in capsys.readouterr().out
+    assert torch.load(run/'checkpoint.pt', weights_only=False)['iteration'] == 4

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"blda {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:   # the machine's side: a full disk, a file that cannot be written (blda.train.WriteError)
+    except OSError as e:   # the machine's side: a full disk, a file that cannot be written (blda.files.WriteError)
         where = f"{e.filename}: " if e.filename is not None else ''
         print(f"blda {args.command}: error: {where}{e.strerror if where and e.strerror else e}", file=sys.stderr)
         return 1

@@ -4,11 +4,12 @@
 
 # %% ../nbs/11_convert.ipynb #032ddf31
 from __future__ import annotations
-import argparse, json, os, re, uuid
+import argparse, json, os, re
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 from .cli import UserError
+from .files import atomic_write, atomic_write_text
 
 # %% auto #0
 __all__ = ['CITYSCAPES_ID_TO_TRAIN_ID', 'SYNTHIA_ID_TO_TRAIN_ID', 'CITYSCAPES_KNOWN_IDS', 'SYNTHIA_KNOWN_IDS', 'DATASETS',
@@ -68,22 +69,16 @@ def image_size(path: Path, verify: bool = False) -> tuple[int, int]:
     except Exception as e: raise BadFile(f"{path}: unreadable or corrupt image ({e})") from None
 
 def write_png_atomic(path: Path, array: np.ndarray) -> None:
-    "Write a uint8 `(H, W)` PNG through a temporary name in the same folder and an atomic rename."
+    "Write a uint8 `(H, W)` PNG atomically (`blda.files.atomic_write`)."
     from PIL import Image
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp.png")   # hidden, never ends in digit.png
-    try:
-        Image.fromarray(np.ascontiguousarray(array, np.uint8), mode='L').save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
+    image = Image.fromarray(np.ascontiguousarray(array, np.uint8), mode='L')
+    atomic_write(path, lambda f: image.save(f, format='PNG'))
 
 def write_json_if_changed(path: Path, obj) -> bool:
     "Write `obj` as JSON (atomically) unless the file already holds exactly that; True if written."
     text = json.dumps(obj, indent=2)
     if path.exists() and path.read_text() == text: return False
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
     return True
 
 # %% ../nbs/11_convert.ipynb #c07c7f3b

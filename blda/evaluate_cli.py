@@ -4,10 +4,11 @@
 
 # %% ../nbs/35_evaluate_cli.ipynb #1226c6c2
 from __future__ import annotations
-import argparse, json, os
+import argparse, json
 from pathlib import Path
 from typing import NamedTuple
 from .cli import UserError
+from .files import atomic_write_text
 from .train import TrainConfig, json_safe
 from .train_cli import as_option_message
 
@@ -59,13 +60,9 @@ def evaluate_run(run: Path | str, posthoc_tau: float | None = None, target_root:
     return RunEvaluation(json_safe(head | metrics), config, path)
 
 def write_json(path: Path | str, obj) -> None:
-    "`obj` as indented JSON, written to a temporary name next to `path` and moved onto it."
+    "`obj` as indented JSON, written atomically (`blda.files.atomic_write`); creates the folder."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1) + '\n'); os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
+    atomic_write_text(path, json.dumps(obj, indent=1) + '\n')
 
 def format_metrics(m: dict) -> str:
     "Two or three lines: where the numbers come from, mIoU/mAcc with their stds over classes, and post-hoc."

@@ -14,7 +14,8 @@ from torch import Tensor
 from .classes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, IGNORE_INDEX, colorize
 from .metrics import LogitHistogram
 from .evaluate_cli import write_json
-from .train import TrainConfig, TrainResult, _atomic_write, json_safe
+from .files import atomic_write_text
+from .train import TrainConfig, TrainResult, json_safe
 
 # %% auto #0
 __all__ = ['REPORT_PARAMETERS', 'experiment_config', 'Example', 'Observer', 'FinalEvaluation', 'final_evaluation', 'run_metrics',
@@ -138,7 +139,7 @@ def write_csv(path: Path | str, rows: list[dict]) -> None:
     w.writeheader()
     fmt = lambda v: '' if v is None or (isinstance(v, float) and math.isnan(v)) else (f"{v:.4f}" if isinstance(v, float) else v)
     for r in rows: w.writerow({k: fmt(v) for k, v in r.items()})
-    _atomic_write(Path(path), lambda f: f.write(buf.getvalue().encode()))
+    atomic_write_text(path, buf.getvalue())
 
 def format_rows(rows: list[dict], digits: int = 1) -> str:
     "`rows` as a Markdown table (None and NaN as '–')."

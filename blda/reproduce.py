@@ -378,15 +378,16 @@ def plot_table(results: Sequence[RowResult]):
 def write_table(spec: TableSpec, results: Sequence[RowResult], out: Path) -> str:
     "Write `table.md`, `table.csv` and `table.png` into `out`; returns the Markdown."
     from blda.experiment import write_csv
-    from blda.train import _atomic_write
+    from blda.files import atomic_write, atomic_write_text
     out.mkdir(parents=True, exist_ok=True)
     text = table_markdown(spec, results)
-    _atomic_write(out/'table.md', lambda f: f.write(text.encode()))
+    atomic_write_text(out/'table.md', text)
     write_csv(out/'table.csv', table_records(results))
     fig = plot_table(results)
     if fig is not None:
         import matplotlib.pyplot as plt
-        _atomic_write(out/'table.png', lambda f: fig.savefig(f, format='png', dpi=100)); plt.close(fig)
+        try: atomic_write(out/'table.png', lambda f: fig.savefig(f, format='png', dpi=100))
+        finally: plt.close(fig)
     return text
 
 # %% ../nbs/41_reproduce.ipynb #d2e2e991

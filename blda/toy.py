@@ -4,11 +4,12 @@
 
 # %% ../nbs/10_toy.ipynb #62eba31a
 from __future__ import annotations
-import argparse, copy, hashlib, json, os, time, uuid
+import argparse, copy, hashlib, json, os, time
 from pathlib import Path
 import numpy as np
 import cv2
 from .classes import CITYSCAPES_CLASSES, IGNORE_INDEX
+from .files import atomic_write, atomic_write_text
 
 # %% auto #0
 __all__ = ['DEFAULT_TOY_CONFIG', 'SIZE_PRESETS', 'TRAIN_ID_TO_LABEL_ID', 'merge_config', 'toy_config', 'generate_scene',
@@ -394,16 +395,14 @@ def generate_scene(config: dict, domain: str, seed: int, index: int) -> tuple[np
 def _write_png(path: Path, array: np.ndarray) -> None:
     "Write an RGB `(H, W, 3)` or single-channel `(H, W)` uint8 PNG atomically (temp name, then rename)."
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp.png")
-    data = array[..., ::-1] if array.ndim == 3 else array        # OpenCV writes BGR
-    if not cv2.imwrite(str(tmp), np.ascontiguousarray(data)): raise OSError(f"cannot write {tmp}")
-    os.replace(tmp, path)
+    data = array[..., ::-1] if array.ndim == 3 else array        # OpenCV encodes BGR
+    ok, png = cv2.imencode('.png', np.ascontiguousarray(data))
+    if not ok: raise ValueError(f"OpenCV could not encode {path.name} (shape {array.shape}, {array.dtype})")
+    atomic_write(path, lambda f: f.write(png.tobytes()))
 
 def _write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 def toy_files(config: dict, out: Path) -> list[tuple[str, int, Path, Path]]:
     """Every scene of the benchmark as (domain, index, image path, label path), in a fixed order.
@@ -455,15 +454,14 @@ def make_toy(out: Path | str, config: dict | None = None, seed: int = 0, nproc: 
     jobs = [(config, seed, d, i, ip, lp) for d, i, ip, lp in toy_files(config, out) if not (ip.exists() and lp.exists())]
     skipped = len(toy_files(config, out)) - len(jobs)
     from tqdm.auto import tqdm
-    bar = tqdm(total=len(jobs), desc='toy scenes', disable=not progress or not jobs, unit='img')
-    if nproc > 1 and len(jobs) > 1:
-        import multiprocessing as mp
-        with mp.get_context('fork' if os.name == 'posix' else 'spawn').Pool(nproc) as pool:
-            for _ in pool.imap_unordered(_make_one, jobs, chunksize=8): bar.update()
-    else:
-        for job in jobs:
-            _make_one(job); bar.update()
-    bar.close()
+    with tqdm(total=len(jobs), desc='toy scenes', disable=not progress or not jobs, unit='img') as bar:   # closed on errors too
+        if nproc > 1 and len(jobs) > 1:
+            import multiprocessing as mp
+            with mp.get_context('fork' if os.name == 'posix' else 'spawn').Pool(nproc) as pool:
+                for _ in pool.imap_unordered(_make_one, jobs, chunksize=8): bar.update()
+        else:
+            for job in jobs:
+                _make_one(job); bar.update()
     _write_json(stamp, {**record, 'digest': digest, 'complete': True})
     return dict(generated=len(jobs), skipped=skipped, seconds=time.perf_counter() - start)
 

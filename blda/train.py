@@ -18,6 +18,7 @@ from .classes import CITYSCAPES_CLASSES, SYNTHIA_16
 from .data import (RCSConfig, RareClassSampler, SegDataset, TOY_CROP, TOY_PSEUDO_MARGINS, TOY_RCS, UDADataset,
                        cityscapes_dataset, gta_dataset, synthia_dataset)
 from .evaluate import evaluate
+from .files import atomic_write, atomic_write_text
 from .losses import BLDALoss
 from .models import ARCH_ALIASES, build_model, encoder_known, param_groups
 from .tracker import LogitTracker
@@ -32,8 +33,8 @@ HOSTS = HOSTS | {h.name: h for h in (MIC, HRDA, MIC_HRDA, CDAC)}   # blda.uda's 
 __all__ = ['HOSTS', 'DATA_CHOICES', 'PRECISIONS', 'RESUMABLE_CHANGES', 'DATA_PRESETS', 'TOY_HEIGHT', 'TIMING_KEYS', 'TrainConfig',
            'DataPreset', 'resolve_host', 'Datasets', 'build_datasets', 'validation_set', 'SeededPairs', 'make_loader',
            'lr_factor', 'TrainState', 'build_criterion', 'build_student', 'build_state', 'rng_state', 'set_rng_state',
-           'seed_everything', 'WriteError', 'save_checkpoint', 'load_checkpoint', 'rank_random_states', 'json_safe',
-           'write_log', 'read_log', 'retain_freed_memory', 'TrainResult', 'resolve_device', 'train']
+           'seed_everything', 'save_checkpoint', 'load_checkpoint', 'rank_random_states', 'json_safe', 'write_log',
+           'read_log', 'retain_freed_memory', 'TrainResult', 'resolve_device', 'train']
 
 # %% ../nbs/31_train.ipynb #0f247eaf
 DATA_CHOICES = ('gta2cs', 'synthia2cs', 'toy')
@@ -364,30 +365,6 @@ def seed_everything(seed: int) -> None:
     s = _derived_seed(seed, 1)
     random.seed(s); np.random.seed(s % 2**32); torch.manual_seed(s)
 
-class WriteError(OSError):
-    "A file could not be written (disk full, no permission, …); the message names it. Any older version is intact."
-    def __str__(self) -> str: return self.strerror
-
-def _os_error_behind(e: BaseException | None) -> OSError | None:
-    "The `OSError` that caused `e`, if any: `torch.save` reports a full disk as a RuntimeError raised while handling it."
-    while e is not None and not isinstance(e, OSError): e = e.__cause__ or e.__context__
-    return e
-
-def _atomic_write(path: Path, write) -> None:
-    """Call `write(file)` on a temporary file next to `path`, flush it to disk, then move it onto `path`.
-    A failure to write raises `WriteError` naming `path`, and leaves neither the temporary file nor a changed `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, 'wb') as f:
-            write(f); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except Exception as e:
-        cause = _os_error_behind(e)
-        if cause is None: raise
-        raise WriteError(cause.errno, f"cannot write {path}: {cause.strerror or cause}") from e
-    finally:
-        tmp.unlink(missing_ok=True)
-
 def save_checkpoint(path: Path, state: TrainState, config: TrainConfig, iteration: int, log: list[dict],
                     ranks: list[dict] | None = None) -> None:
     """Everything needed to continue at `iteration` exactly (see the top of this notebook). `ranks`: with
@@ -395,7 +372,7 @@ def save_checkpoint(path: Path, state: TrainState, config: TrainConfig, iteratio
     payload = dict(iteration=iteration, config=config.to_dict(), state=state.state_dict(), rng=rng_state(), log=log,
                    world_size=len(ranks) if ranks else 1)
     if ranks: payload['ranks'] = ranks
-    _atomic_write(Path(path), lambda f: torch.save(payload, f))
+    atomic_write(path, lambda f: torch.save(payload, f), sync=True)
 
 def load_checkpoint(path: Path, state: TrainState, config: TrainConfig, rank: int = 0,
                     world: int = 1) -> tuple[int, list[dict]]:
@@ -435,7 +412,7 @@ def json_safe(obj):
 def write_log(path: Path, log: list[dict]) -> None:
     "The metrics log as JSON lines, one record per line."
     text = ''.join(json.dumps(r) + '\n' for r in log)
-    _atomic_write(Path(path), lambda f: f.write(text.encode()))
+    atomic_write_text(path, text, sync=True)
 
 def read_log(path: Path | str) -> list[dict]:
     "Records of a metrics log."
@@ -549,6 +526,7 @@ def _train(config: TrainConfig, procs: _Procs) -> TrainResult:
     datasets = build_datasets(config, host, margins)
     previous_determinism = torch.are_deterministic_algorithms_enabled()
     if config.deterministic: torch.use_deterministic_algorithms(True, warn_only=True)
+    bar = None
     try:
         state = build_state(config, host, device)
         ckpt_path, log_path = out/'checkpoint.pt', out/'metrics.jsonl'
@@ -563,7 +541,7 @@ def _train(config: TrainConfig, procs: _Procs) -> TrainResult:
             student = DistributedDataParallel(state.student, device_ids=[device.index] if device.type == 'cuda' else None,
                                               broadcast_buffers=False, find_unused_parameters=_FIND_UNUSED)
         if lead:
-            _atomic_write(out/'config.json', lambda f: f.write(json.dumps(config.to_dict(), indent=1).encode()))
+            atomic_write_text(out/'config.json', json.dumps(config.to_dict(), indent=1), sync=True)
             write_log(log_path, log)
         stop = min(config.iterations, config.stop_after or config.iterations)
         pairs = SeededPairs(datasets.train, config.seed, config.iterations * config.batch_size * procs.world)
@@ -612,6 +590,7 @@ def _train(config: TrainConfig, procs: _Procs) -> TrainResult:
         bar.close()
         procs.barrier()   # the files are complete when any rank returns
     finally:
+        if bar is not None: bar.close()   # on an error too: its message then starts on a line of its own
         torch.use_deterministic_algorithms(previous_determinism)
     return TrainResult(config, out, done, state, log, host)
 

@@ -1,5 +1,5 @@
 """`blda prepare`: every converter on tiny fixtures in the exact reference layouts, and every bad input."""
-import json
+import errno, json, os
 from pathlib import Path
 
 import cv2
@@ -255,9 +255,10 @@ def test_bad_polygons(tmp_path, capsys):
 def test_write_failure_leaves_no_partial_output(tmp_path, monkeypatch):
     root = make_gta(tmp_path/'gta', GTA_LABELS[:1])
     def failing_save(self, fp, *args, **kwargs):
-        Path(fp).write_bytes(b'half')   # something lands on disk, then the write fails
-        raise OSError('disk full')
+        fp.write(b'half')               # something lands on disk, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(Image.Image, 'save', failing_save)
-    with pytest.raises(UserError, match='disk full'):
+    out = root/'labels'/'00001_labelTrainIds.png'
+    with pytest.raises(UserError, match=f'cannot write {out}: No space left on device'):
         prepare('gta', root, progress=False)
     assert not (root/'labels'/'00001_labelTrainIds.png').exists() and no_temp_files(root)

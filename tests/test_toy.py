@@ -51,6 +51,31 @@ def test_rerun_skips_and_resumes(tmp_path):
     summary = make_toy(tmp_path, config, progress=False)
     assert summary['generated'] == 1 and victim.read_bytes() == content
 
+def test_full_disk_is_one_line_and_resumable(tmp_path, capsys, monkeypatch):
+    "The disk fills up at the fifth PNG: one line naming it, no partial file; the rerun finishes the same benchmark."
+    import builtins, errno, os
+    import blda.files
+    opened = []
+    def full_open(file, mode='r', *args, **kwargs):
+        f = builtins.open(file, mode, *args, **kwargs)
+        if 'w' in mode and Path(file).name.startswith('.') and '.png.' in Path(file).name:
+            opened.append(file)
+            if len(opened) >= 5:
+                f.write = lambda b: (_ for _ in ()).throw(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+        return f
+    monkeypatch.setattr(blda.files, 'open', full_open, raising=False)
+    assert main(['toy', str(tmp_path/'a'), '--size', 'tiny']) == 1
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]                                          # after the progress bar's last line
+    assert last.startswith('blda toy: error: cannot write ') and last.endswith('.png: No space left on device')
+    assert 'Traceback' not in err
+    assert len(files_of(tmp_path/'a')) == 4 and not [p for p in tmp_path.rglob('*') if '.tmp' in p.name]
+    assert json.loads((tmp_path/'a'/'toy_config.json').read_text())['complete'] is False
+    monkeypatch.undo()
+    assert main(['toy', str(tmp_path/'a'), '--size', 'tiny']) == 0
+    assert main(['toy', str(tmp_path/'b'), '--size', 'tiny']) == 0
+    assert files_of(tmp_path/'a') == files_of(tmp_path/'b')
+
 def test_other_config_in_same_folder_is_refused(tmp_path, capsys):
     assert main(['toy', str(tmp_path), '--size', 'tiny']) == 0
     assert main(['toy', str(tmp_path), '--size', 'tiny', '--seed', '5']) == 2

@@ -26,13 +26,14 @@ def evaluate_run(run: Path | str, posthoc_tau: float | None = None, target_root:
                  mode: str | None = None, max_images: int | None = None, device: str = 'auto',
                  weights: str = 'student', progress: bool = False) -> RunEvaluation:
     "Metrics of the checkpoint of `run` (a run folder or its checkpoint.pt) on the target validation set."
-    import torch
     from blda.evaluate import evaluate
-    from blda.train import DATA_PRESETS, build_criterion, build_student, resolve_device, resolve_host, validation_set
+    from blda.train import (DATA_PRESETS, CheckpointError, build_criterion, build_student, read_checkpoint, resolve_device,
+                            resolve_host, validation_set)
     run = Path(run)
     path = run if run.is_file() else run/'checkpoint.pt'
     if not path.is_file(): raise UserError(f"no checkpoint at {path} (blda train writes RUN/checkpoint.pt)")
-    ckpt = torch.load(path, map_location='cpu', weights_only=False)   # our own file: it holds RNG tuples
+    try: ckpt = read_checkpoint(path)
+    except CheckpointError as e: raise UserError(str(e)) from None
     try: config = TrainConfig.from_dict(ckpt['config'])
     except ValueError as e: raise UserError(f"{path}: {as_option_message(str(e))}") from None
     if weights not in ('student', 'teacher'): raise UserError(f"--weights must be 'student' or 'teacher', got {weights!r}")

@@ -33,8 +33,9 @@ HOSTS = HOSTS | {h.name: h for h in (MIC, HRDA, MIC_HRDA, CDAC)}   # blda.uda's 
 __all__ = ['HOSTS', 'DATA_CHOICES', 'PRECISIONS', 'RESUMABLE_CHANGES', 'DATA_PRESETS', 'TOY_HEIGHT', 'TIMING_KEYS', 'TrainConfig',
            'DataPreset', 'resolve_host', 'Datasets', 'build_datasets', 'validation_set', 'SeededPairs', 'make_loader',
            'lr_factor', 'TrainState', 'build_criterion', 'build_student', 'build_state', 'rng_state', 'set_rng_state',
-           'seed_everything', 'save_checkpoint', 'load_checkpoint', 'rank_random_states', 'json_safe', 'write_log',
-           'read_log', 'retain_freed_memory', 'TrainResult', 'resolve_device', 'train']
+           'seed_everything', 'save_checkpoint', 'CheckpointError', 'read_checkpoint', 'load_checkpoint',
+           'rank_random_states', 'json_safe', 'write_log', 'read_log', 'retain_freed_memory', 'TrainResult',
+           'resolve_device', 'train']
 
 # %% ../nbs/31_train.ipynb #0f247eaf
 DATA_CHOICES = ('gta2cs', 'synthia2cs', 'toy')
@@ -374,23 +375,45 @@ def save_checkpoint(path: Path, state: TrainState, config: TrainConfig, iteratio
     if ranks: payload['ranks'] = ranks
     atomic_write(path, lambda f: torch.save(payload, f), sync=True)
 
+class CheckpointError(ValueError):
+    "A checkpoint that cannot be used: unreadable, not written by `save_checkpoint`, or made by another run."
+
+_CHECKPOINT_KEYS = ('iteration', 'config', 'state', 'rng', 'log')
+
+def _first_sentence(e: Exception) -> str:
+    "The first sentence of an exception's message (torch's run on for several lines of advice)."
+    return str(e).split('. ')[0].split('\n')[0].rstrip('.')
+
+def read_checkpoint(path: Path | str) -> dict:
+    "The contents of a checkpoint written by `save_checkpoint`; `CheckpointError` naming `path` for anything else."
+    try: ckpt = torch.load(path, map_location='cpu', weights_only=False)   # our own file: it holds RNG tuples
+    except Exception as e:   # torch reports a truncated or foreign file as RuntimeError, UnpicklingError, EOFError, …
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {_first_sentence(e)})") from e
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing: raise CheckpointError(f"{path} was not written by blda train (no {', '.join(missing)})")
+    return ckpt
+
 def load_checkpoint(path: Path, state: TrainState, config: TrainConfig, rank: int = 0,
                     world: int = 1) -> tuple[int, list[dict]]:
     """Restore `state` and the random states (those of process `rank` of `world`) from `path`; returns
-    (iteration, log). Raises `ValueError` when the checkpoint was made with a config that differs in a field
-    that changes the computation, or by another number of processes."""
-    ckpt = torch.load(path, map_location='cpu', weights_only=False)   # our own file: it holds RNG tuples
+    (iteration, log). Raises `CheckpointError` when the file is not a readable checkpoint, or was made with a
+    config that differs in a field that changes the computation, or by another number of processes."""
+    try: ckpt = read_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; delete it, or use another output folder, to start the run again") from e.__cause__
     saved = ckpt.get('world_size', 1)
     if saved != world:
-        raise ValueError(f"{path} was written by {saved} process(es) and this run has {world}: the data order and "
+        raise CheckpointError(f"{path} was written by {saved} process(es) and this run has {world}: the data order and "
                          "random streams depend on it. Resume with the same number of processes, or use another output_dir")
     old, new = ckpt['config'], config.to_dict()
     differ = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
     if differ:
-        raise ValueError(f"{path} was written with another config; differing field(s): "
+        raise CheckpointError(f"{path} was written with another config; differing field(s): "
                          + ', '.join(f"{k} ({old.get(k)!r} → {new.get(k)!r})" for k in differ)
                          + ". Use another output_dir or resume=False")
-    state.load_state_dict(ckpt['state'])
+    try: state.load_state_dict(ckpt['state'])
+    except (KeyError, RuntimeError) as e:   # e.g. written by another version of blda: other parameter names
+        raise CheckpointError(f"{path} does not fit this run's model ({type(e).__name__}: {_first_sentence(e)})") from e
     mine = ckpt['ranks'][rank] if world > 1 else dict(rng=ckpt['rng'], generator=ckpt['state']['generator'])
     set_rng_state(mine['rng']); state.generator.set_state(mine['generator'])
     return ckpt['iteration'], ckpt['log']

@@ -170,7 +170,7 @@ def check_resumable(config: TrainConfig) -> None:
                         + "); use another --output-dir, or --no-resume to start it again")
 
 def run(args: argparse.Namespace) -> int:
-    from blda.train import resolve_device, train
+    from blda.train import CheckpointError, resolve_device, train
     config = resolve_config(given_fields(args), read_config_file(args.config) if args.config else None)
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=1)); return 0
@@ -180,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--encoder-weights {config.encoder_weights}: no such file (weights are read from a local file, never downloaded)")
     check_resumable(config)
     t0 = time.perf_counter()
-    result = train(config)
+    try: result = train(config)
+    except CheckpointError as e: raise UserError(f"cannot resume: {e}") from None
     ev = result.final_eval
     score = f"; mIoU {ev['mIoU']:.2f}, mAcc {ev['mAcc']:.2f} at iteration {ev['iteration']}" if ev else ''
     if int(os.environ.get("RANK", "0")) != 0: return 0   # under torchrun, rank 0 reports for all

@@ -145,3 +145,29 @@ def test_full_disk_keeps_the_last_checkpoint(toy, tmp_path, capsys, monkeypatch)
         assert main(argv) == 0                                           # resumes at 2 once there is room again
     assert 'at iteration 4/4' in capsys.readouterr().out
     assert torch.load(run/'checkpoint.pt', weights_only=False)['iteration'] == 4
+
+def test_unusable_checkpoint_is_one_line(toy, tmp_path, capsys):
+    "A truncated checkpoint, a file that is not one, and another program's checkpoint: refused by name, not a traceback."
+    import torch
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        assert main(small(toy, tmp_path/'r', '--host', 'source_only', '--iterations', '2', '--eval-interval', '0')) == 0
+    capsys.readouterr()
+    good = tmp_path/'r'/'checkpoint.pt'
+    data = good.read_bytes()
+    cases = {'truncated': data[:len(data) // 2], 'text': b'not a checkpoint\n'}
+    for name, content in cases.items():
+        run = tmp_path/name; run.mkdir(); (run/'config.json').write_bytes((tmp_path/'r'/'config.json').read_bytes())
+        (run/'checkpoint.pt').write_bytes(content)
+        assert main(['evaluate', str(run), '--quiet']) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"blda evaluate: error: {run/'checkpoint.pt'} is not a readable checkpoint") and err.count('\n') == 1
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            assert main(small(toy, run, '--host', 'source_only', '--iterations', '2', '--eval-interval', '0')) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"blda train: error: cannot resume: {run/'checkpoint.pt'} is not a readable checkpoint")
+        assert 'Traceback' not in err and (run/'checkpoint.pt').read_bytes() == content       # left as it was
+    torch.save({'model': {}}, tmp_path/'foreign.pt')
+    assert main(['evaluate', str(tmp_path/'foreign.pt'), '--quiet']) == 2
+    assert "was not written by blda train (no iteration, config, state, rng, log)" in capsys.readouterr().err

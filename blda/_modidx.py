@@ -267,6 +267,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'blda.models.DLV2Head': ('models.html#dlv2head', 'blda/models.py'),
                              'blda.models.DLV2Head.__init__': ('models.html#dlv2head.__init__', 'blda/models.py'),
                              'blda.models.DLV2Head.forward': ('models.html#dlv2head.forward', 'blda/models.py'),
+                             'blda.models.EncoderWeightsError': ('models.html#encoderweightserror', 'blda/models.py'),
                              'blda.models.HeadOutput': ('models.html#headoutput', 'blda/models.py'),
                              'blda.models.SegOutput': ('models.html#segoutput', 'blda/models.py'),
                              'blda.models.Segmentor': ('models.html#segmentor', 'blda/models.py'),

@@ -14,7 +14,7 @@ import segmentation_models_pytorch as smp
 # %% auto #0
 __all__ = ['CLASSIFIER_PREFIXES', 'ARCH_ALIASES', 'DEFAULT_ENCODERS', 'REFERENCE_CUSTOM_KEYS', 'HeadOutput', 'SegOutput',
            'DLV2Head', 'conv_bn_relu', 'separable_conv', 'SeparableASPP', 'DAFormerHead', 'Segmentor',
-           'load_encoder_weights', 'encoder_known', 'build_model', 'param_groups']
+           'EncoderWeightsError', 'load_encoder_weights', 'encoder_known', 'build_model', 'param_groups']
 
 # %% ../nbs/20_models.ipynb #501564b5
 class HeadOutput(NamedTuple):
@@ -131,11 +131,19 @@ def _unwrap_state_dict(checkpoint: dict) -> dict[str, Tensor]:
         if state and all(k.startswith(prefix) for k in state): state = {k[len(prefix):]: v for k, v in state.items()}
     return {k: v for k, v in state.items() if not k.startswith(CLASSIFIER_PREFIXES)}
 
+class EncoderWeightsError(ValueError):
+    "Encoder weights that cannot be read, or that do not fit the encoder; the message names the file."
+
 def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
-    "Load a local checkpoint into `encoder`, strictly: raises `FileNotFoundError` or `ValueError` naming the file."
+    "Load a local checkpoint into `encoder`, strictly: raises `FileNotFoundError` or `EncoderWeightsError` naming the file."
     path = Path(path).expanduser()
     if not path.is_file(): raise FileNotFoundError(f"encoder_weights file not found: {path}")
-    state = _unwrap_state_dict(torch.load(path, map_location='cpu', weights_only=True))
+    try: checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:   # truncated, not a torch file, or pickled objects that weights_only refuses
+        first = str(e).split('. ')[0].split('\n')[0]
+        raise EncoderWeightsError(f"encoder_weights {path} cannot be read as tensors ({first})") from e
+    if not isinstance(checkpoint, dict): raise EncoderWeightsError(f"encoder_weights {path} holds a {type(checkpoint).__name__}, not a state dict")
+    state = _unwrap_state_dict(checkpoint)
     own = encoder.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -143,7 +151,7 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
                    if k in state and state[k].shape != v.shape]
     if missing or unexpected or wrong_shape:
         def first(items): return ', '.join(items[:5]) + (' …' if len(items) > 5 else '')
-        raise ValueError(f"encoder_weights {path} do not fit the encoder: {len(missing)} missing ({first(missing)}), "
+        raise EncoderWeightsError(f"encoder_weights {path} do not fit the encoder: {len(missing)} missing ({first(missing)}), "
                          f"{len(unexpected)} unexpected ({first(unexpected)}), {len(wrong_shape)} of the wrong shape "
                          f"({first(wrong_shape)})")
     encoder.load_state_dict(state)

@@ -544,7 +544,7 @@ def train(config: TrainConfig) -> TrainResult:
 def _train(config: TrainConfig, procs: _Procs) -> TrainResult:
     device, lead = procs.device, procs.lead
     if device.type == 'cpu': retain_freed_memory()
-    out = Path(config.output_dir); out.mkdir(parents=True, exist_ok=True)
+    out = Path(config.output_dir)
     host, margins = resolve_host(config, device)
     datasets = build_datasets(config, host, margins)
     previous_determinism = torch.are_deterministic_algorithms_enabled()
@@ -563,7 +563,8 @@ def _train(config: TrainConfig, procs: _Procs) -> TrainResult:
         if procs.world > 1:
             student = DistributedDataParallel(state.student, device_ids=[device.index] if device.type == 'cuda' else None,
                                               broadcast_buffers=False, find_unused_parameters=_FIND_UNUSED)
-        if lead:
+        if lead:   # the folder appears once the data, the model and any checkpoint have been read
+            out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out/'config.json', json.dumps(config.to_dict(), indent=1), sync=True)
             write_log(log_path, log)
         stop = min(config.iterations, config.stop_after or config.iterations)

@@ -170,6 +170,7 @@ def check_resumable(config: TrainConfig) -> None:
                         + "); use another --output-dir, or --no-resume to start it again")
 
 def run(args: argparse.Namespace) -> int:
+    from blda.models import EncoderWeightsError
     from blda.train import CheckpointError, resolve_device, train
     config = resolve_config(given_fields(args), read_config_file(args.config) if args.config else None)
     if args.print_config:
@@ -182,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try: result = train(config)
     except CheckpointError as e: raise UserError(f"cannot resume: {e}") from None
+    except EncoderWeightsError as e: raise UserError(str(e).replace('encoder_weights', option_name('encoder_weights'), 1)) from None
     ev = result.final_eval
     score = f"; mIoU {ev['mIoU']:.2f}, mAcc {ev['mAcc']:.2f} at iteration {ev['iteration']}" if ev else ''
     if int(os.environ.get("RANK", "0")) != 0: return 0   # under torchrun, rank 0 reports for all

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from blda.models import DAFormerHead, DLV2Head, SegOutput, build_model, param_groups
+from blda.models import DAFormerHead, DLV2Head, EncoderWeightsError, SegOutput, build_model, param_groups
 
 
 @pytest.fixture(scope='module')
@@ -104,8 +104,16 @@ def test_weight_errors(tmp_path, c_model):
         build_model('C', encoder='resnet18', encoder_weights='imagenet')
     path = tmp_path / 'r18.pth'
     torch.save(c_model.encoder.state_dict(), path)
-    with pytest.raises(ValueError, match='r18.pth.*do not fit'):
+    with pytest.raises(EncoderWeightsError, match='r18.pth.*do not fit'):
         build_model('C', encoder='resnet34', encoder_weights=path)
+    whole = path.read_bytes()
+    (tmp_path/'cut.pth').write_bytes(whole[:len(whole) // 2])
+    torch.save(torch.zeros(3), tmp_path/'tensor.pth')
+    torch.save({'encoder': c_model.encoder}, tmp_path/'module.pth')         # a pickled module: weights_only refuses it
+    for name, words in (('cut.pth', 'cannot be read as tensors'), ('tensor.pth', 'holds a Tensor, not a state dict'),
+                        ('module.pth', 'cannot be read as tensors')):
+        with pytest.raises(EncoderWeightsError, match=f'encoder_weights .*{name} {words}'):
+            build_model('C', encoder='resnet18', encoder_weights=tmp_path/name)
 
 
 def test_bad_names():

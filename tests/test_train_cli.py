@@ -168,6 +168,11 @@ def test_unusable_checkpoint_is_one_line(toy, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith(f"blda train: error: cannot resume: {run/'checkpoint.pt'} is not a readable checkpoint")
         assert 'Traceback' not in err and (run/'checkpoint.pt').read_bytes() == content       # left as it was
+    (tmp_path/'junk.pth').write_bytes(b'junk')                        # encoder weights that are not weights
+    assert main(small(toy, tmp_path/'w', '--encoder-weights', str(tmp_path/'junk.pth'))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"blda train: error: --encoder-weights {tmp_path/'junk.pth'} cannot be read as tensors") and err.count('\n') == 1
+    assert not (tmp_path/'w').exists()                                  # no run folder for a run that never started
     torch.save({'model': {}}, tmp_path/'foreign.pt')
     assert main(['evaluate', str(tmp_path/'foreign.pt'), '--quiet']) == 2
     assert "was not written by blda train (no iteration, config, state, rng, log)" in capsys.readouterr().err

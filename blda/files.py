@@ -9,12 +9,16 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 # %% auto #0
-__all__ = ['WriteError', 'os_error_behind', 'atomic_write', 'atomic_write_text']
+__all__ = ['WriteError', 'first_sentence', 'os_error_behind', 'atomic_write', 'atomic_write_text']
 
 # %% ../nbs/09_files.ipynb #dee7aace
 class WriteError(OSError):
     "A file could not be written (disk full, no permission, …). The message names it; any older version is intact."
     def __str__(self) -> str: return self.strerror
+
+def first_sentence(e: BaseException) -> str:
+    "The first sentence of an exception's message, for one-line errors (torch's messages run on with advice)."
+    return str(e).split('. ')[0].split('\n')[0].rstrip('.')
 
 def os_error_behind(e: BaseException | None) -> OSError | None:
     "`e` itself if it is an `OSError`, else the `OSError` that caused it (through `__cause__`/`__context__`), else None."

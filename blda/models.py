@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 import segmentation_models_pytorch as smp
+from .files import first_sentence
 
 # %% auto #0
 __all__ = ['CLASSIFIER_PREFIXES', 'ARCH_ALIASES', 'DEFAULT_ENCODERS', 'REFERENCE_CUSTOM_KEYS', 'HeadOutput', 'SegOutput',
@@ -140,8 +141,7 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
     if not path.is_file(): raise FileNotFoundError(f"encoder_weights file not found: {path}")
     try: checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:   # truncated, not a torch file, or pickled objects that weights_only refuses
-        first = str(e).split('. ')[0].split('\n')[0]
-        raise EncoderWeightsError(f"encoder_weights {path} cannot be read as tensors ({first})") from e
+        raise EncoderWeightsError(f"encoder_weights {path} cannot be read as tensors ({first_sentence(e)})") from e
     if not isinstance(checkpoint, dict): raise EncoderWeightsError(f"encoder_weights {path} holds a {type(checkpoint).__name__}, not a state dict")
     state = _unwrap_state_dict(checkpoint)
     own = encoder.state_dict()

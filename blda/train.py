@@ -18,7 +18,7 @@ from .classes import CITYSCAPES_CLASSES, SYNTHIA_16
 from .data import (RCSConfig, RareClassSampler, SegDataset, TOY_CROP, TOY_PSEUDO_MARGINS, TOY_RCS, UDADataset,
                        cityscapes_dataset, gta_dataset, synthia_dataset)
 from .evaluate import evaluate
-from .files import atomic_write, atomic_write_text
+from .files import atomic_write, atomic_write_text, first_sentence
 from .losses import BLDALoss
 from .models import ARCH_ALIASES, build_model, encoder_known, param_groups
 from .tracker import LogitTracker
@@ -380,15 +380,11 @@ class CheckpointError(ValueError):
 
 _CHECKPOINT_KEYS = ('iteration', 'config', 'state', 'rng', 'log')
 
-def _first_sentence(e: Exception) -> str:
-    "The first sentence of an exception's message (torch's run on for several lines of advice)."
-    return str(e).split('. ')[0].split('\n')[0].rstrip('.')
-
 def read_checkpoint(path: Path | str) -> dict:
     "The contents of a checkpoint written by `save_checkpoint`; `CheckpointError` naming `path` for anything else."
     try: ckpt = torch.load(path, map_location='cpu', weights_only=False)   # our own file: it holds RNG tuples
     except Exception as e:   # torch reports a truncated or foreign file as RuntimeError, UnpicklingError, EOFError, …
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {_first_sentence(e)})") from e
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {first_sentence(e)})") from e
     missing = [k for k in _CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing: raise CheckpointError(f"{path} was not written by blda train (no {', '.join(missing)})")
     return ckpt
@@ -413,7 +409,7 @@ def load_checkpoint(path: Path, state: TrainState, config: TrainConfig, rank: in
                          + ". Use another output_dir or resume=False")
     try: state.load_state_dict(ckpt['state'])
     except (KeyError, RuntimeError) as e:   # e.g. written by another version of blda: other parameter names
-        raise CheckpointError(f"{path} does not fit this run's model ({type(e).__name__}: {_first_sentence(e)})") from e
+        raise CheckpointError(f"{path} does not fit this run's model ({type(e).__name__}: {first_sentence(e)})") from e
     mine = ckpt['ranks'][rank] if world > 1 else dict(rng=ckpt['rng'], generator=ckpt['state']['generator'])
     set_rng_state(mine['rng']); state.generator.set_state(mine['generator'])
     return ckpt['iteration'], ckpt['log']
@@ -611,10 +607,9 @@ def _train(config: TrainConfig, procs: _Procs) -> TrainResult:
             if done == stop or (config.checkpoint_interval and done % config.checkpoint_interval == 0):
                 ranks = rank_random_states(state) if procs.world > 1 else None
                 if lead: save_checkpoint(ckpt_path, state, config, done, log, ranks)
-        bar.close()
         procs.barrier()   # the files are complete when any rank returns
     finally:
-        if bar is not None: bar.close()   # on an error too: its message then starts on a line of its own
+        if bar is not None: bar.close()   # here, so that an error's message also starts on a line of its own
         torch.use_deterministic_algorithms(previous_determinism)
     return TrainResult(config, out, done, state, log, host)
 

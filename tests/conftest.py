@@ -18,6 +18,21 @@ def toy(tmp_path_factory) -> Path:
     return root
 
 
+def disk_full() -> OSError:
+    "The error a full disk raises on a write."
+    import errno
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class FullDisk:
+    "A writable file (wrapping `f`) whose disk fills up once more than `room` bytes are written."
+    def __init__(self, f, room: int): self.f, self.room = f, room
+    def writable(self): return True
+    def write(self, b):
+        if len(b) > self.room: raise disk_full()
+        self.room -= len(b); return self.f.write(b)
+
+
 def train_quietly(cfg):
     "`blda.train.train(cfg)` with rare-class sampling's warnings about classes absent from the tiny toy silenced."
     import warnings

@@ -1,5 +1,5 @@
 """`blda prepare`: every converter on tiny fixtures in the exact reference layouts, and every bad input."""
-import errno, json, os
+import json
 from pathlib import Path
 
 import cv2
@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import disk_full
 from blda.cli import UserError, main
 from blda.convert import (CITYSCAPES_ID_TO_TRAIN_ID, SYNTHIA_ID_TO_TRAIN_ID, class_stats_files, prepare)
 
@@ -256,7 +257,7 @@ def test_write_failure_leaves_no_partial_output(tmp_path, monkeypatch):
     root = make_gta(tmp_path/'gta', GTA_LABELS[:1])
     def failing_save(self, fp, *args, **kwargs):
         fp.write(b'half')               # something lands on disk, then the disk is full
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise disk_full()
     monkeypatch.setattr(Image.Image, 'save', failing_save)
     out = root/'labels'/'00001_labelTrainIds.png'
     with pytest.raises(UserError, match=f'cannot write {out}: No space left on device'):

@@ -53,15 +53,16 @@ def test_rerun_skips_and_resumes(tmp_path):
 
 def test_full_disk_is_one_line_and_resumable(tmp_path, capsys, monkeypatch):
     "The disk fills up at the fifth PNG: one line naming it, no partial file; the rerun finishes the same benchmark."
-    import builtins, errno, os
+    import builtins
     import blda.files
+    from conftest import disk_full
     opened = []
     def full_open(file, mode='r', *args, **kwargs):
         f = builtins.open(file, mode, *args, **kwargs)
         if 'w' in mode and Path(file).name.startswith('.') and '.png.' in Path(file).name:
             opened.append(file)
             if len(opened) >= 5:
-                f.write = lambda b: (_ for _ in ()).throw(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+                f.write = lambda b: (_ for _ in ()).throw(disk_full())
         return f
     monkeypatch.setattr(blda.files, 'open', full_open, raising=False)
     assert main(['toy', str(tmp_path/'a'), '--size', 'tiny']) == 1

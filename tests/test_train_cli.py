@@ -119,17 +119,12 @@ def test_evaluate_posthoc_needs_blda(toy, tmp_path, capsys):
 
 def test_full_disk_keeps_the_last_checkpoint(toy, tmp_path, capsys, monkeypatch):
     "The disk fills up while the second checkpoint is written: one clear line, the first checkpoint intact, resumable."
-    import errno, io, os, torch
-    class FullDisk(io.RawIOBase):
-        def __init__(self, f): self.f, self.room = f, 4096
-        def writable(self): return True
-        def write(self, b):
-            if len(b) > self.room: raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            self.room -= len(b); return self.f.write(b)
+    import torch
+    from conftest import FullDisk
     real_save, saves = torch.save, []
     def save(obj, f, *args, **kwargs):
         saves.append(obj.get('iteration'))
-        return real_save(obj, FullDisk(f) if len(saves) == 2 else f, *args, **kwargs)
+        return real_save(obj, FullDisk(f, 4096) if len(saves) == 2 else f, *args, **kwargs)
     run = tmp_path/'run'
     argv = small(toy, run, '--host', 'source_only', '--iterations', '4', '--eval-interval', '0', '--checkpoint-interval', '2')
     monkeypatch.setattr(torch, 'save', save)

@@ -22,7 +22,7 @@ from .files import atomic_write, atomic_write_text, first_sentence
 from .losses import BLDALoss
 from .models import ARCH_ALIASES, build_model, encoder_known, param_groups
 from .tracker import LogitTracker
-from .uda import HOSTS, Component, Host, PlainCriterion, StepConfig, UDABatch, update_teacher, uda_step
+from .uda import HOSTS, Component, Host, PlainCriterion, StepConfig, Stopwatch, UDABatch, update_teacher, uda_step
 from .mic import MIC
 from .hrda import HRDA, MIC_HRDA
 from .cdac import CDAC
@@ -450,7 +450,7 @@ def retain_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 1
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
 
 # %% ../nbs/31_train.ipynb #c222c4ae
-TIMING_KEYS = ('seconds_per_iter', 'seconds')
+TIMING_KEYS = ('seconds_per_iter', 'criterion_seconds_per_iter', 'peak_memory_gib', 'seconds')
 
 @dataclass
 class TrainResult:
@@ -572,6 +572,7 @@ def _train(config: TrainConfig, procs: _Procs) -> TrainResult:
         bar = tqdm(total=config.iterations, initial=start, desc=name, disable=not (config.progress and lead),
                    dynamic_ncols=True)
         tick, tick_iter = time.perf_counter(), start
+        stopwatch = Stopwatch(device)   # the criterion's share of the step, logged with the step time
         done = start
         for it, batch in zip(range(start, stop), loader):
             batch = batch.to(device, non_blocking=True)
@@ -579,7 +580,7 @@ def _train(config: TrainConfig, procs: _Procs) -> TrainResult:
             if state.teacher is not None: update_teacher(state.teacher, state.student, it, host.step)
             state.optimizer.zero_grad(set_to_none=True)
             result = uda_step(student, state.teacher, batch, it, host.step, state.criterion,
-                              state.components, state.generator)
+                              state.components, state.generator, stopwatch)
             lr = state.optimizer.param_groups[0]['lr']
             state.optimizer.step(); state.scheduler.step()
             procs.average_buffers(state.student, state.teacher)   # the ranks' BatchNorm statistics, merged
@@ -590,8 +591,12 @@ def _train(config: TrainConfig, procs: _Procs) -> TrainResult:
                 bad = [k for k, v in losses.items() if not math.isfinite(v)]
                 if bad: raise FloatingPointError(f"non-finite loss {bad} at iteration {done} ({losses})")
                 now = time.perf_counter()
-                log.append(dict(iteration=done, kind='train', lr=lr, **losses,
-                                seconds_per_iter=(now - tick) / max(done - tick_iter, 1)))
+                iters = max(done - tick_iter, 1)
+                log.append(dict(iteration=done, kind='train', lr=lr, **losses, seconds_per_iter=(now - tick) / iters,
+                                criterion_seconds_per_iter=stopwatch.read().get('criterion', 0.0) / iters))
+                if device.type == 'cuda':   # this interval's peak, so a start-up transient shows as such
+                    log[-1]['peak_memory_gib'] = torch.cuda.max_memory_allocated(device) / 2**30
+                    torch.cuda.reset_peak_memory_stats(device)
                 tick, tick_iter = now, done
                 bar.set_postfix({k: f'{v:.3g}' for k, v in losses.items() if k.endswith(('ce', 'fd'))}, refresh=False)
                 if lead: write_log(log_path, log)

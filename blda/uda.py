@@ -4,7 +4,7 @@
 
 # %% ../nbs/30_uda.ipynb #de37d4fe
 from __future__ import annotations
-import contextlib, copy, dataclasses
+import contextlib, copy, dataclasses, time
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence, runtime_checkable
 import torch
@@ -19,8 +19,8 @@ from .selftrain import (FD_THING_CLASSES, MixedBatch, PseudoLabels, class_mix, c
 
 # %% auto #0
 __all__ = ['SOURCE_ONLY', 'DACS', 'DAFORMER', 'HOSTS', 'StepConfig', 'UDABatch', 'Criterion', 'PlainCriterion', 'StepContext',
-           'Component', 'FeatureDistance', 'upsample', 'update_teacher', 'teacher_pseudo_labels', 'StepResult',
-           'uda_step', 'Host']
+           'Component', 'FeatureDistance', 'Stopwatch', 'upsample', 'update_teacher', 'teacher_pseudo_labels',
+           'StepResult', 'uda_step', 'Host']
 
 # %% ../nbs/30_uda.ipynb #b0061509
 def _check(ok: bool, owner: str, name: str, message: str) -> None:
@@ -188,6 +188,39 @@ class FeatureDistance(Component):
             raise ValueError("the feature-distance reference differs from the one the checkpoint was trained with "
                              "(changed seed, encoder or encoder_weights?)")
 
+# %% ../nbs/30_uda.ipynb #2a086c33
+def _untimed(name: str) -> contextlib.AbstractContextManager: return contextlib.nullcontext()
+
+class Stopwatch:
+    "Summed time of named sections of the step: CUDA events on a GPU (the span on its timeline), a wall clock on the CPU."
+    def __init__(self, device: torch.device | str):
+        self.cuda = torch.device(device).type == 'cuda'
+        self._seconds: dict[str, float] = {}
+        self._events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {}
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        "Time the `with` block as part of section `name`."
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.setdefault(name, []).append((start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def read(self) -> dict[str, float]:
+        "Seconds spent in each section since the last `read` (or since creation); starts counting afresh."
+        out = dict(self._seconds)
+        for name, pairs in self._events.items():
+            pairs[-1][1].synchronize()   # the GPU has reached the last event, hence all earlier ones
+            out[name] = out.get(name, 0.0) + sum(s.elapsed_time(e) for s, e in pairs) / 1e3
+        self._seconds, self._events = {}, {}
+        return out
+
 # %% ../nbs/30_uda.ipynb #277741e9
 def upsample(x: Tensor | None, size: Sequence[int]) -> Tensor | None:
     "Bilinear resize of `(B, C, h, w)` to `size` = (H, W) in float32 (align_corners=False, as mmseg); None stays None."
@@ -242,10 +275,12 @@ def _collect(components: Sequence[Component], hook: str, ctx: StepContext) -> di
 
 def uda_step(student: nn.Module, teacher: nn.Module | None, batch: UDABatch, iteration: int, config: StepConfig,
              criterion: Criterion, components: Sequence[Component] = (),
-             generator: torch.Generator | None = None) -> StepResult:
+             generator: torch.Generator | None = None, stopwatch: Stopwatch | None = None) -> StepResult:
     """Forward and backward passes of one iteration; gradients accumulate in `student` (no optimiser step).
-    The caller zeroes the gradients before, updates the teacher before and steps the optimiser after."""
+    The caller zeroes the gradients before, updates the teacher before and steps the optimiser after.
+    `stopwatch`, if given, times the criterion's two calls as section `'criterion'`."""
     ctx = StepContext(student, teacher, batch, iteration, config, criterion, generator)
+    timed = stopwatch.section if stopwatch is not None else _untimed
     losses: dict[str, Tensor] = {}
 
     # 1. source: supervised pass (and the components that use its graph, e.g. the feature distance)
@@ -253,8 +288,9 @@ def uda_step(student: nn.Module, teacher: nn.Module | None, batch: UDABatch, ite
         ctx.source = student(batch.source_image)
     size = batch.source_label.shape[-2:]
     ctx.source_logits = upsample(ctx.source.logits, size)
-    terms = _weighted(criterion.source(ctx.source_logits, batch.source_label, upsample(ctx.source.cdf, size)),
-                      config.source_weight)
+    with timed('criterion'):
+        terms = _weighted(criterion.source(ctx.source_logits, batch.source_label, upsample(ctx.source.cdf, size)),
+                          config.source_weight)
     extra = _collect(components, 'after_source', ctx)
     (terms.total + sum(extra.values())).backward()
     losses.update(src_ce=terms.ce.detach(), src_cdf=terms.cdf.detach(), **{k: v.detach() for k, v in extra.items()})
@@ -276,8 +312,9 @@ def uda_step(student: nn.Module, teacher: nn.Module | None, batch: UDABatch, ite
         ctx.mixed_out = student(ctx.mixed_image)
     size = ctx.mixed.labels.shape[-2:]
     ctx.mixed_logits = upsample(ctx.mixed_out.logits, size)
-    terms = _weighted(criterion.mixed(ctx.mixed_logits, ctx.mixed.labels, ctx.mixed.is_target, ctx.mixed.weight,
-                                      upsample(ctx.mixed_out.cdf, size)), config.mixed_weight)
+    with timed('criterion'):
+        terms = _weighted(criterion.mixed(ctx.mixed_logits, ctx.mixed.labels, ctx.mixed.is_target, ctx.mixed.weight,
+                                          upsample(ctx.mixed_out.cdf, size)), config.mixed_weight)
     extra = _collect(components, 'after_mixed', ctx)
     (terms.total + sum(extra.values())).backward()
     losses.update(mix_ce=terms.ce.detach(), mix_cdf=terms.cdf.detach(), **{k: v.detach() for k, v in extra.items()})

@@ -53,6 +53,8 @@ def test_benchmark_train(tmp_path, capsys):
     assert r['host_seconds_per_iter'] > 0 and r['blda_seconds_per_iter'] > 0
     assert len(r['blda_share_per_round']) == 2 and r['blda_share'] in r['blda_share_per_round']
     assert all(s < 1 for s in r['blda_share_per_round'])
+    assert len(r['blda_timed_share_per_round']) == 2 and all(0 < s < 1 for s in r['blda_timed_share_per_round'])
+    assert 0 < r['host_criterion_seconds_per_iter'] < r['blda_criterion_seconds_per_iter']
     assert (r['host'], r['crop'], r['iterations'], r['rounds']) == ('source_only', [32, 32], 6, 2)
     assert "BLDA's share of the step" in capsys.readouterr().out
     assert (data/'source'/'sample_class_stats.json').is_file() and (data/'target'/'sample_class_stats.json').is_file()

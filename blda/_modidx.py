@@ -326,6 +326,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'blda.selftrain.PseudoLabels': ('selftrain.html#pseudolabels', 'blda/selftrain.py'),
                                 'blda.selftrain._adjust_hue': ('selftrain.html#_adjust_hue', 'blda/selftrain.py'),
                                 'blda.selftrain._adjust_saturation': ('selftrain.html#_adjust_saturation', 'blda/selftrain.py'),
+                                'blda.selftrain._average_into': ('selftrain.html#_average_into', 'blda/selftrain.py'),
                                 'blda.selftrain._hsv_to_rgb': ('selftrain.html#_hsv_to_rgb', 'blda/selftrain.py'),
                                 'blda.selftrain._norm_stats': ('selftrain.html#_norm_stats', 'blda/selftrain.py'),
                                 'blda.selftrain._rgb_to_hsv': ('selftrain.html#_rgb_to_hsv', 'blda/selftrain.py'),

@@ -46,9 +46,25 @@ def ema_update(teacher: nn.Module, student: nn.Module, iteration: int, alpha: fl
         pairs += list(zip(t_bufs, s_bufs))
     for t, s in pairs:
         if t.shape != s.shape: raise ValueError(f"teacher/student shape mismatch {tuple(t.shape)} vs {tuple(s.shape)}")
+    averaged = [(t, s) for t, s in pairs if a != 0 and t.is_floating_point()]
+    for t, s in pairs:
         if a == 0 or not t.is_floating_point(): t.copy_(s)
-        else: t.mul_(a).add_(s.detach().to(t.dtype), alpha=1 - a)
+    if averaged:
+        teacher_ts, student_ts = zip(*averaged)
+        _average_into(list(teacher_ts), list(student_ts), a, multi_tensor=teacher_ts[0].is_cuda)
     return a
+
+def _average_into(teacher_ts: list[Tensor], student_ts: list[Tensor], a: float, multi_tensor: bool) -> None:
+    """t ← a·t + (1 − a)·s for each pair, as `mul_` then `add_`, so both ways give the same bits. On a GPU
+    (`multi_tensor`) as two multi-tensor kernels: a launch per tensor (a MiT-B5 teacher has 1086) costs more
+    there than the arithmetic. On the CPU tensor by tensor, so that `add_` finds the tensor still in cache
+    (two multi-tensor passes were 15-25 % slower here)."""
+    student_ts = [s.to(t.dtype) for t, s in zip(teacher_ts, student_ts)]   # under no_grad: no detach needed
+    if multi_tensor:
+        torch._foreach_mul_(teacher_ts, a)
+        torch._foreach_add_(teacher_ts, student_ts, alpha=1 - a)
+    else:
+        for t, s in zip(teacher_ts, student_ts): t.mul_(a).add_(s, alpha=1 - a)
 
 def disable_stochastic_layers(model: nn.Module) -> None:
     """Switch Dropout and DropPath layers of `model` to inference, leaving BN (and everything else) as is.

@@ -116,6 +116,7 @@ def run_metrics(result: TrainResult, final: FinalEvaluation, row: str = '', seco
     return json_safe(dict(row=row, data=c.data, host=c.host, blda=c.blda, arch=c.arch, encoder=c.encoder,
                           seed=c.seed, iteration=result.iteration, iterations=c.iterations,
                           seconds_per_iter=train_records[-1]['seconds_per_iter'] if train_records else None,
+                          criterion_seconds_per_iter=train_records[-1]['criterion_seconds_per_iter'] if train_records else None,
                           seconds=seconds or {}, config=c.to_dict(), **final.metrics))
 
 def per_class_rows(metrics: dict) -> list[dict]:

@@ -40,6 +40,7 @@ def test_toy_quick_table_then_resume(toy, tmp_path):
         assert m['row'] == row and m['iteration'] == 3 and m['config']['crop_size'] == [32, 32]
         assert {'mIoU', 'mIoU_std', 'mAcc', 'mAcc_std', 'IoU', 'Acc', 'bias'} <= set(m) and len(m['bias']) == 19
         assert ('posthoc' in m) == row.endswith('-blda')          # BLDA runs are also scored post hoc
+        assert 0 < m['criterion_seconds_per_iter'] < m['seconds_per_iter']   # the criterion's time, logged by the loop
         nb = json.loads((folder/'experiment.ipynb').read_text())
         assert any('parameters' in c['metadata'].get('tags', []) for c in nb['cells'])     # papermill's copy
         assert any('injected-parameters' in c['metadata'].get('tags', []) for c in nb['cells'])

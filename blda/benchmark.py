@@ -55,9 +55,9 @@ def _peak_extra_mib(fn, device) -> float | None:
 # %% ../nbs/92_benchmark.ipynb #a8365613
 def run_benchmark(device: str = 'cpu', batch: int = 2, classes: int = 19, height: int = 128, width: int = 128,
                   posthoc_size: tuple[int, int] = (256, 512), repeats: int = 20, seed: int = 0,
-                  compile: bool | None = None, retain_memory: bool = True) -> dict:
-    """Measure the steps described above; returns a dict of milliseconds, MiB and ratios. `compile`: see
-    `LogitTracker`. `retain_memory`: on CPU, keep freed memory in the process as `train` does
+                  compile: bool | None = None, retain_memory: bool = True, static: bool = False) -> dict:
+    """Measure the steps described above; returns a dict of milliseconds, MiB and ratios. `compile`, `static`:
+    see `LogitTracker`. `retain_memory`: on CPU, keep freed memory in the process as `train` does
     (`blda.train.retain_freed_memory`)."""
     if retain_memory and torch.device(device).type == 'cpu':
         from blda.train import retain_freed_memory
@@ -66,7 +66,7 @@ def run_benchmark(device: str = 'cpu', batch: int = 2, classes: int = 19, height
     logits, labels = synthetic_batch(batch, classes, height, width, device, g)
     is_target = torch.zeros_like(labels, dtype=torch.bool); is_target[..., width // 2:] = True
     weight = torch.where(is_target, 0.8, 1.0)
-    tracker = LogitTracker(classes, warmup=10, compile=compile).to(device)
+    tracker = LogitTracker(classes, warmup=10, compile=compile, static=static).to(device)
     blda = BLDALoss(tracker, tau=0.1, cdf_weight=0.0)
     for _ in range(5):   # estimate every pair once so the timed steps do the full work
         tracker.update(logits, labels, 'source'); tracker.update(logits, labels, 'target')
@@ -84,7 +84,7 @@ def run_benchmark(device: str = 'cpu', batch: int = 2, classes: int = 19, height
 
     counts = torch.bincount(labels.flatten().cpu(), minlength=classes)
     fitted = counts[counts >= tracker.min_pixels]
-    out = dict(device=str(device), shape=[batch, classes, height, width], compiled_steps=tracker._compiles(logits),
+    out = dict(device=str(device), shape=[batch, classes, height, width], compiled_steps=tracker._compiles(logits), static=static,
                grid_classes=len(fitted), grid_samples=min(int(fitted.min()), tracker.max_samples) if len(fitted) else 0)
     t = _time_rounds(steps, device, repeats)
     for name in steps: out[f'{name}_ms'] = _median(t[name])
@@ -112,7 +112,7 @@ def run_benchmark(device: str = 'cpu', batch: int = 2, classes: int = 19, height
 
 def format_report(r: dict) -> str:
     lines = [f"device {r['device']}, step batch {tuple(r['shape'])}, posthoc {tuple(r['posthoc_shape'])}, "
-             f"tracker {'compiled' if r['compiled_steps'] else 'eager'}, "
+             f"tracker {'compiled' if r['compiled_steps'] else 'eager'}{', static update' if r.get('static') else ''}, "
              f"grid {r['grid_classes']} classes × {r['grid_samples']} samples",
              f"  plain CE fwd+bwd     {r['plain_ce_ms']:8.2f} ms",
              f"  BLDA source step     {r['blda_source_ms']:8.2f} ms   ratio {r['source_ratio']:.2f}x"
@@ -148,7 +148,8 @@ def _peak(log: list[dict], after: float = 0) -> float:
 
 def run_train_benchmark(data_root, device: str = 'cpu', host: str = 'daformer', arch: str = 'T', encoder: str = 'mit_b0',
                         embed_dim: int = 64, crop: tuple[int, int] = (128, 128), iterations: int = 30, batch_size: int = 2,
-                        precision: str = 'bf16', num_workers: int = 0, rounds: int = 1, seed: int = 0) -> dict:
+                        precision: str = 'bf16', num_workers: int = 0, rounds: int = 1, seed: int = 0,
+                        static: bool = False) -> dict:
     """Train `host` on the toy benchmark in `data_root` (see `toy_for_crops`) without and with BLDA, `rounds`
     times in turn (in alternating order), and return the steady-state seconds per iteration of each and of its
     criterion's calls, peak memory on CUDA (GiB), and BLDA's share of the step, the median over rounds, measured
@@ -167,7 +168,7 @@ def run_train_benchmark(data_root, device: str = 'cpu', host: str = 'daformer', 
                                   iterations=iterations, warmup_iters=max(1, iterations // 10), gmm_warmup=max(1, iterations // 10),
                                   batch_size=batch_size, num_workers=num_workers, seed=seed, device=device, precision=precision,
                                   log_interval=max(1, iterations // 15), eval_interval=0, checkpoint_interval=0,
-                                  resume=False, progress=False, output_dir=out)
+                                  resume=False, progress=False, output_dir=out, gmm_static=static)
                 if cuda: torch.cuda.reset_peak_memory_stats(device)
                 with warnings.catch_warnings():   # rare-class sampling warns about classes absent from a small toy
                     warnings.simplefilter('ignore')
@@ -176,7 +177,7 @@ def run_train_benchmark(data_root, device: str = 'cpu', host: str = 'daformer', 
                                        criterion_seconds_per_iter=_steady(res.log, iterations, 'criterion_seconds_per_iter'),
                                        peak_gib=_peak(res.log) if cuda else None,
                                        steady_peak_gib=_peak(res.log, iterations / 3) if cuda else None))
-    out = dict(device=str(device), host=host, arch=arch, encoder=encoder, embed_dim=embed_dim, crop=list(crop),
+    out = dict(device=str(device), host=host, arch=arch, encoder=encoder, embed_dim=embed_dim, crop=list(crop), static=static,
                iterations=iterations, batch_size=batch_size, precision=precision if cuda else 'fp32', rounds=rounds)
     for blda, key in ((False, 'host'), (True, 'blda')):
         out[f'{key}_seconds_per_iter'] = _median(r['seconds_per_iter'] for r in runs[blda])
@@ -193,7 +194,8 @@ def run_train_benchmark(data_root, device: str = 'cpu', host: str = 'daformer', 
 
 def format_train_report(r: dict) -> str:
     lines = [f"device {r['device']}: {r['host']} ({r['arch']}, {r['encoder']}, head {r['embed_dim']}), crops {r['crop'][0]}×{r['crop'][1]}, "
-             f"batch {r['batch_size']} + {r['batch_size']}, {r['precision']}, {r['iterations']} iterations, {r['rounds']} round(s)"]
+             f"batch {r['batch_size']} + {r['batch_size']}, {r['precision']}, {r['iterations']} iterations, {r['rounds']} round(s)"
+             + (', static tracker update' if r.get('static') else '')]
     for key, name in (('host', 'without BLDA'), ('blda', 'with BLDA')):
         s = r[f'{key}_seconds_per_iter']
         mem = (f", peak memory {r[f'{key}_peak_gib']:.2f} GiB ({r[f'{key}_steady_peak_gib']:.2f} after the first third)"
@@ -217,6 +219,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--compile', choices=('auto', 'yes', 'no'), default='auto',
                         help='fuse the tracker kernels with torch.compile (auto: on CUDA only)')
     parser.add_argument('--json', default=None, help='also write the numbers to this JSON file')
+    parser.add_argument('--static', action='store_true',
+                        help="the tracker's fixed-shape update without host synchronisation (LogitTracker(static=True))")
     parser.add_argument('--no-retain-memory', dest='retain_memory', action='store_false',
                         help="on CPU, let glibc return freed memory to the system (train keeps it; see blda.train)")
     t = parser.add_argument_group('training-step benchmark (--train)')
@@ -242,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
     B, C, H, W = args.shape or ((2, 19, 512, 512) if gpu else (2, 19, 128, 128))
     compile = dict(auto=None, yes=True, no=False)[args.compile]
     r = run_benchmark(device, B, C, H, W, tuple(args.posthoc_size or ((1024, 2048) if gpu else (256, 512))), args.repeats,
-                      compile=compile, retain_memory=args.retain_memory)
+                      compile=compile, retain_memory=args.retain_memory, static=args.static)
     print(format_report(r))
     if args.json: Path(args.json).write_text(json.dumps(r, indent=2))
     return 0
@@ -269,7 +273,7 @@ def _run_train(args: argparse.Namespace, device: str, gpu: bool) -> int:
         root = Path(args.data) if args.data else Path(tmp)
         toy_for_crops(root, crop)
         r = run_train_benchmark(root, device, args.host, args.arch, encoder, embed_dim, crop, iterations, args.batch_size,
-                                args.precision, workers, rounds)
+                                args.precision, workers, rounds, static=args.static)
     print(format_train_report(r))
     if args.json: Path(args.json).write_text(json.dumps(r, indent=2))
     return 0

@@ -46,9 +46,10 @@ def ema_update(teacher: nn.Module, student: nn.Module, iteration: int, alpha: fl
         pairs += list(zip(t_bufs, s_bufs))
     for t, s in pairs:
         if t.shape != s.shape: raise ValueError(f"teacher/student shape mismatch {tuple(t.shape)} vs {tuple(s.shape)}")
-    averaged = [(t, s) for t, s in pairs if a != 0 and t.is_floating_point()]
+    averaged = []
     for t, s in pairs:
         if a == 0 or not t.is_floating_point(): t.copy_(s)
+        else: averaged.append((t, s))
     if averaged:
         teacher_ts, student_ts = zip(*averaged)
         _average_into(list(teacher_ts), list(student_ts), a, multi_tensor=teacher_ts[0].is_cuda)

@@ -12,7 +12,9 @@ from torch import Tensor, nn
 from .gmm import (VAR_FLOOR, Mixture, em_fit, init_from_quantiles, quantile_table, table_quantile)
 
 # %% auto #0
-__all__ = ['DOMAINS', 'Shift', 'pixel_logits', 'LogitTracker', 'sample_per_class', 'update', 'shift', 'delta', 'label_cdf']
+__all__ = ['DOMAINS', 'Shift', 'pixel_logits', 'LogitTracker', 'momentum_keep', 'sample_per_class', 'update',
+           'pixel_anchor_samples', 'SetState', 'UpdateSettings', 'masked_fit', 'static_update_step', 'shift', 'delta',
+           'label_cdf']
 
 # %% ../nbs/03_tracker.ipynb #92fa2d7a
 DOMAINS = ('source', 'target')
@@ -55,20 +57,22 @@ class LogitTracker(nn.Module):
                  max_samples: int = 4096,            # cap on sampled pixels per class (memory bound); anchors use up to num_classes × this
                  var_floor: float = VAR_FLOOR, table_size: int = 16384, chunk_pixels: int = 131072,
                  ignore_index: int = 255,
-                 compile: bool | None = None):   # fuse EM and the shift with torch.compile; None = on CUDA only
+                 compile: bool | None = None,    # fuse EM and the shift with torch.compile; None = on CUDA only
+                 static: bool = False):          # one fixed-shape update graph without host synchronisation (see below)
         super().__init__()
         checks = [(num_classes >= 2, 'num_classes must be at least 2'), (components >= 1, 'components must be at least 1'),
                   (0 <= momentum < 1, 'momentum must lie in [0, 1)'), (em_steps >= 1, 'em_steps must be at least 1'),
                   (min_pixels >= 1, 'min_pixels must be at least 1'), (warmup >= 0, 'warmup must be >= 0'),
                   (0 < clamp < 0.5, 'clamp must lie in (0, 0.5)'), (anchor_pooling in ('pixel', 'class'), "anchor_pooling must be 'pixel' or 'class'"),
                   (samples_per_class in ('min', 'all'), "samples_per_class must be 'min' or 'all'"), (max_samples >= 1, 'max_samples must be at least 1'),
-                  (not 0 <= ignore_index < num_classes, 'ignore_index must not be a class id')]
+                  (not 0 <= ignore_index < num_classes, 'ignore_index must not be a class id'),
+                  (not static or anchor_pooling == 'pixel', "static=True needs anchor_pooling='pixel'")]
         for ok, msg in checks:
             if not ok: raise ValueError(f"LogitTracker: {msg}")
         self.num_classes, self.components, self.momentum, self.em_steps = num_classes, components, momentum, em_steps
         self.min_pixels, self.warmup, self.clamp, self.anchor_pooling = min_pixels, warmup, clamp, anchor_pooling
         self.samples_per_class, self.max_samples, self.var_floor = samples_per_class, max_samples, var_floor
-        self.chunk_pixels, self.ignore_index, self.compile = chunk_pixels, ignore_index, compile
+        self.chunk_pixels, self.ignore_index, self.compile, self.static = chunk_pixels, ignore_index, compile, static
         C, K = num_classes, components
         for name, shape in [*((d, (C, C)) for d in DOMAINS), ('anchor', (2,))]:
             self.register_buffer(f'{name}_weights', torch.full((*shape, K), 1.0 / K))
@@ -95,9 +99,15 @@ class LogitTracker(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, components={self.components}, momentum={self.momentum}, "
                 f"em_steps={self.em_steps}, min_pixels={self.min_pixels}, warmup={self.warmup}, clamp={self.clamp}, "
-                f"anchor_pooling={self.anchor_pooling!r}, samples_per_class={self.samples_per_class!r}")
+                f"anchor_pooling={self.anchor_pooling!r}, samples_per_class={self.samples_per_class!r}, static={self.static}")
 
 # %% ../nbs/03_tracker.ipynb #73f4ef55
+def momentum_keep(steps: Tensor, stale: Tensor, fresh: Tensor, momentum: float, warmup: int) -> Tensor:
+    """The weight of the old estimate in the blend, official: (τ̃·min(i/warmup, 1))^n, with i = `steps` `()`
+    the calls to the set and n = `stale` `(E,)` the calls since each entry's last update; 0 where `fresh`."""
+    ramp = (steps.float() / warmup).clamp(max=1.0) if warmup > 0 else torch.ones_like(stale[0])
+    return torch.where(fresh, 0.0, (momentum * ramp) ** stale)                # a first fit is taken as is
+
 @torch.no_grad()
 def _fit_and_blend(self: LogitTracker, name: str, x: Tensor, sample_weight: Tensor, rows: Tensor,
                    any_fresh: bool) -> None:
@@ -120,11 +130,8 @@ def _fit_and_blend(self: LogitTracker, name: str, x: Tensor, sample_weight: Tens
         fit = em_fit(x, sample_weight, start, self.em_steps, self.var_floor, reduce=_all_sum)
     else:
         fit = (_compiled(em_fit) if self._compiles(x) else em_fit)(x, sample_weight, start, self.em_steps, self.var_floor)
-    steps = getattr(self, f'{name}_steps')
     stale = getattr(self, f'{name}_stale').view(-1).index_select(0, rows)
-    ramp = (steps.float() / self.warmup).clamp(max=1.0) if self.warmup > 0 else torch.ones_like(stale[0])
-    keep = (self.momentum * ramp) ** stale                               # official: (τ̃·min(i/warmup, 1))^n
-    keep = torch.where(fresh, 0.0, keep)[:, None]                        # a first fit is taken as is
+    keep = momentum_keep(getattr(self, f'{name}_steps'), stale, fresh, self.momentum, self.warmup)[:, None]
     for o, f, t in zip(old, fit, flat):
         t.index_copy_(0, rows, torch.lerp(f.to(o.dtype), o, keep))       # keep·old + (1 − keep)·fit
     self._advance(name, rows)
@@ -182,6 +189,7 @@ def update(self: LogitTracker, logits: Tensor, labels: Tensor, domain: str, weig
     z = pixel_logits(logits)                                                         # (P, C)
     y = labels.reshape(-1).long()
     pix_w = torch.ones_like(z[:, 0]) if weight is None else weight.detach().reshape(-1).float()
+    if self.static and not _distributed(): return self._static_update(z, y, pix_w, domain)
     valid = (y >= 0) & (y < C) & (pix_w > 0)
     key = torch.where(valid, y, C)
     local = torch.bincount(key, minlength=C + 1)[:C]
@@ -215,6 +223,23 @@ def update(self: LogitTracker, logits: Tensor, labels: Tensor, domain: str, weig
 LogitTracker._check_inputs, LogitTracker.update = _check_inputs, update
 
 # %% ../nbs/03_tracker.ipynb #8cdd0bf8
+def pixel_anchor_samples(z: Tensor, y: Tensor, valid: Tensor, pix_w: Tensor, max_pixels: int) -> tuple[Tensor, Tensor]:
+    """The pooled anchor samples (the official rule): of at most `max_pixels` valid pixels drawn uniformly,
+    each one's own-class logit (positive) and one other logit drawn uniformly (negative). `z` `(P, C)`;
+    `y`, `valid`, `pix_w` `(P,)`. Returns samples and weights `(2, M)`, M = min(P, max_pixels)."""
+    (P, C), dev = z.shape, z.device
+    M = min(P, max_pixels)
+    if M < P:   # valid pixels first, in random order: the first M are a uniform sample
+        perm = torch.randperm(P, device=dev)
+        first = torch.sort((~valid).index_select(0, perm).to(torch.uint8), stable=True).indices[:M]
+        pix = perm.index_select(0, first)
+        z, y, valid, pix_w = (t.index_select(0, pix) for t in (z, y, valid, pix_w))
+    own = y.clamp(0, C - 1)
+    other = (own + torch.randint(1, C, own.shape, device=dev)) % C             # a uniform other class
+    first = torch.arange(0, z.numel(), C, device=dev)                          # flat index of each pixel's logit 0
+    x = z.reshape(-1).index_select(0, torch.cat([first + own, first + other])).view(2, -1)
+    return x, (pix_w * valid).expand(2, -1)
+
 @torch.no_grad()
 def _update_anchors(self: LogitTracker, z: Tensor, y: Tensor, valid: Tensor, pix_w: Tensor, sample,
                     fit: bool, any_fresh: bool) -> None:
@@ -225,17 +250,7 @@ def _update_anchors(self: LogitTracker, z: Tensor, y: Tensor, valid: Tensor, pix
         self._advance('anchor', None)
         return
     if self.anchor_pooling == 'pixel':
-        P, M = z.shape[0], min(z.shape[0], self.max_samples * C)
-        if M < P:   # valid pixels first, in random order: the first M are a uniform sample
-            perm = torch.randperm(P, device=dev)
-            first = torch.sort((~valid).index_select(0, perm).to(torch.uint8), stable=True).indices[:M]
-            pix = perm.index_select(0, first)
-            z, y, valid, pix_w = (t.index_select(0, pix) for t in (z, y, valid, pix_w))
-        own = y.clamp(0, C - 1)
-        other = (own + torch.randint(1, C, own.shape, device=dev)) % C             # a uniform other class
-        first = torch.arange(0, z.numel(), C, device=dev)                          # flat index of each pixel's logit 0
-        x = z.reshape(-1).index_select(0, torch.cat([first + own, first + other])).view(2, -1)
-        sw = (pix_w * valid).expand(2, -1)
+        x, sw = pixel_anchor_samples(z, y, valid, pix_w, self.max_samples * C)
     else:
         xs, sws, cls = sample                                                       # (R, C, N), (R, N), (R,)
         R = cls.shape[0]
@@ -252,6 +267,95 @@ def _update_anchors(self: LogitTracker, z: Tensor, y: Tensor, valid: Tensor, pix
     self.anchor_table.copy_(quantile_table(self.mixture('anchor'), self.clamp, self.anchor_table.shape[-1]))
 
 LogitTracker._update_anchors = _update_anchors
+
+# %% ../nbs/03_tracker.ipynb #665e608b
+class SetState(NamedTuple):
+    "One set of mixtures and its counters, flattened: a domain's grid as C·C entries, or the two anchors."
+    weights: Tensor     # (E, K)
+    means: Tensor       # (E, K)
+    variances: Tensor   # (E, K)
+    updates: Tensor     # (E,) long: fits so far
+    stale: Tensor       # (E,) calls since the last fit
+    steps: Tensor       # () long: calls to the set
+
+class UpdateSettings(NamedTuple):
+    "The tracker's hyper-parameters that `static_update_step` needs (plain numbers: compiled in as constants)."
+    num_classes: int
+    components: int
+    em_steps: int
+    var_floor: float
+    momentum: float
+    warmup: int
+    min_pixels: int
+    max_samples: int
+    min_rule: bool      # samples_per_class == 'min'
+    clamp: float
+
+def masked_fit(s: SetState, x: Tensor, sample_weight: Tensor, mask: Tensor, counted: Tensor, h: UpdateSettings) -> SetState:
+    """`_fit_and_blend` with fixed shapes: fit every entry on `x`, `sample_weight` `(E, N)`, blend in the
+    entries where `mask` `(E,)` and leave the others exactly as they are; count the call if `counted` `()`."""
+    old = (s.weights, s.means, s.variances)
+    fresh = (s.updates == 0) & mask
+    init = init_from_quantiles(x, sample_weight, h.components, h.var_floor)
+    start = Mixture(*(torch.where(fresh[:, None], i, o) for i, o in zip(init, old)))
+    fit = em_fit(x, sample_weight, start, h.em_steps, h.var_floor)
+    keep = torch.where(mask, momentum_keep(s.steps, s.stale, fresh, h.momentum, h.warmup), 1.0)[:, None]
+    new = [torch.lerp(f.to(o.dtype), o, keep) for f, o in zip(fit, old)]
+    stale = torch.where(counted, torch.where(mask, 1.0, s.stale + 1), s.stale)
+    return SetState(*new, s.updates + mask.long(), stale, s.steps + counted.long())
+
+def static_update_step(z: Tensor, y: Tensor, pix_w: Tensor, grid: SetState, anchor: SetState | None,
+                       table: Tensor, h: UpdateSettings) -> tuple[SetState, SetState | None, Tensor]:
+    """`update` as a pure function of fixed shapes, without host synchronisation. `z` `(P, C)` pixel logits,
+    `y` `(P,)` labels, `pix_w` `(P,)` weights; `grid`, `anchor` (None for a target call) and the anchor
+    quantile `table` `(2, size)`: the state before. Returns the state after."""
+    C, P = h.num_classes, z.shape[0]
+    valid = (y >= 0) & (y < C) & (pix_w > 0)
+    key = torch.where(valid, y, C)
+    counts = torch.bincount(key, minlength=C + 1)[:C]
+    ok = counts >= h.min_pixels
+    cap = torch.full_like(counts, h.max_samples)
+    if h.min_rule:
+        cap = cap.clamp(max=torch.where(ok, counts, counts.max() + 1).min())
+    sizes = torch.where(ok, torch.minimum(counts, cap), 0)
+    N = min(h.max_samples, P)
+    idx, real = sample_per_class(key, sizes, N)                                   # (C, N)
+    x = z.index_select(0, idx.view(-1)).view(C, N, C).transpose(1, 2)           # x[c, l] = z_l on class c
+    sw = pix_w.index_select(0, idx.view(-1)).view(C, N) * real
+    grid = masked_fit(grid, x.reshape(C * C, N), sw[:, None, :].expand(C, C, N).reshape(C * C, N),
+                      ok[:, None].expand(C, C).reshape(-1), ok.any(), h)
+    if anchor is None: return grid, None, table
+    anchor_ok = counts.sum() >= h.min_pixels
+    ax, asw = pixel_anchor_samples(z, y, valid, pix_w, h.max_samples * C)
+    anchor = masked_fit(anchor, ax, asw, anchor_ok.expand(2), torch.ones_like(anchor_ok), h)
+    fresh_table = quantile_table(Mixture(anchor.weights, anchor.means, anchor.variances), h.clamp, table.shape[-1])
+    return grid, anchor, torch.where(anchor_ok, fresh_table, table)
+
+@functools.cache
+def _compiled_static():
+    # one graph, fixed shapes; fallback_random keeps eager's random streams (same pixels as eager)
+    return torch.compile(static_update_step, fullgraph=True, dynamic=False, options={'fallback_random': True})
+
+def _set_state(self: LogitTracker, name: str) -> SetState:
+    "Flat views of set `name`'s buffers."
+    K = self.components
+    return SetState(*(t.view(-1, K) for t in self.mixture(name)), getattr(self, f'{name}_updates').view(-1),
+                    getattr(self, f'{name}_stale').view(-1), getattr(self, f'{name}_steps'))
+
+@torch.no_grad()
+def _static_update(self: LogitTracker, z: Tensor, y: Tensor, pix_w: Tensor, domain: str) -> None:
+    "`update` through `static_update_step` (see above); `z` `(P, C)`, `y`, `pix_w` `(P,)`."
+    h = UpdateSettings(self.num_classes, self.components, self.em_steps, self.var_floor, self.momentum, self.warmup,
+                       self.min_pixels, self.max_samples, self.samples_per_class == 'min', self.clamp)
+    step = _compiled_static() if self._compiles(z) else static_update_step
+    grid, anchor, table = step(z, y, pix_w, self._set_state(domain),
+                               self._set_state('anchor') if domain == 'source' else None, self.anchor_table, h)
+    for name, new in ((domain, grid), ('anchor', anchor)):
+        if new is not None:
+            for buf, value in zip(self._set_state(name), new): buf.copy_(value)
+    self.anchor_table.copy_(table)
+
+LogitTracker._set_state, LogitTracker._static_update = _set_state, _static_update
 
 # %% ../nbs/03_tracker.ipynb #b71051a0
 @torch.no_grad()

@@ -66,6 +66,7 @@ class TrainConfig:
     gmm_momentum: float = 0.99
     em_steps: int = 3
     gmm_warmup: int = 1500                  # tracker updates over which the EM momentum ramps up to gmm_momentum
+    gmm_static: bool = False                # the tracker's fixed-shape update without host synchronisation (for GPUs; LogitTracker static)
     # host overrides (None: the host's value)
     alpha: float | None = None
     pseudo_threshold: float = 0.968
@@ -323,7 +324,7 @@ def build_criterion(config: TrainConfig) -> nn.Module:
     "`PlainCriterion`, or `BLDALoss` with a fresh tracker when `config.blda`."
     if not config.blda: return PlainCriterion()
     tracker = LogitTracker(config.num_classes, config.gmm_components, config.gmm_momentum, config.em_steps,
-                           config.min_pixels, config.gmm_warmup)
+                           config.min_pixels, config.gmm_warmup, static=config.gmm_static)
     return BLDALoss(tracker, tau=config.tau, cdf_weight=config.cdf_weight, mixed_tau=config.mixed_tau)
 
 def build_student(config: TrainConfig, host: Host, encoder_weights: bool = True) -> nn.Module:

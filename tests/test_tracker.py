@@ -78,9 +78,10 @@ def test_min_pixels_ignore_and_zero_weight_are_not_sampled():
     assert tracker.mixture('source').means.abs().max() < 10
 
 
-def test_momentum_semantics_official():
+@pytest.mark.parametrize('static', [False, True], ids=['dynamic', 'static'])
+def test_momentum_semantics_official(static):
     "Counters follow EMA_updata_weight: n = calls since the last update, i = calls; first fit taken as is."
-    tracker = LogitTracker(2, warmup=4, min_pixels=10, em_steps=1)
+    tracker = LogitTracker(2, warmup=4, min_pixels=10, em_steps=1, static=static)
     torch.manual_seed(0)
     both = torch.tensor([[[0] * 50 + [1] * 50]]); only0 = torch.zeros(1, 1, 100, dtype=torch.long)
     z = torch.randn(1, 2, 1, 100)
@@ -157,6 +158,8 @@ def test_input_validation_messages():
         t.update(torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long), 'tgt')
     with pytest.raises(ValueError, match='clamp'):
         LogitTracker(3, clamp=0.6)
+    with pytest.raises(ValueError, match="static=True needs anchor_pooling='pixel'"):
+        LogitTracker(3, anchor_pooling='class', static=True)
 
 
 def _ddp_worker(rank, world, port, out_dir):
@@ -200,3 +203,36 @@ def test_compiled_kernels_match_eager():
     mask = torch.rand(y.shape, generator=g) < 0.5
     s_e, s_f = eager.shift(z, y, mask), fused.shift(z, y, mask)
     assert torch.allclose(s_e.delta, s_f.delta, atol=1e-4) and torch.equal(s_e.label_estimated, s_f.label_estimated)
+
+
+def _static_and_dynamic(rule, compile=None, steps=4):
+    "A dynamic and a static tracker (or two static ones, the second compiled) fed the same batches from the same random state."
+    kw = dict(warmup=3, min_pixels=30, max_samples=64, samples_per_class=rule)   # 64 × 3 < P: the anchors subsample
+    first = LogitTracker(3, static=compile is not None, **kw)
+    second = LogitTracker(3, static=True, compile=compile, **kw)
+    g = torch.Generator().manual_seed(5)
+    for step in range(steps):
+        z, y = stream(1024, g)
+        if step == steps - 1: y[y == 2] = 255                              # a class absent from the last batch
+        weight = torch.rand(y.shape, generator=g) * (torch.rand(y.shape, generator=g) > 0.2)
+        for domain, w in (('source', None), ('target', weight)):
+            rng = torch.get_rng_state(); first.update(z, y, domain, w)
+            torch.set_rng_state(rng); second.update(z, y, domain, w)
+    return first, second
+
+
+@pytest.mark.parametrize('rule', ['min', 'all'])
+def test_static_update_matches_dynamic(rule):
+    "static=True picks the same pixels and fits the same mixtures as the dynamic update (up to rounding)."
+    dynamic, static = _static_and_dynamic(rule)
+    for (k, a), b in zip(dynamic.state_dict().items(), static.state_dict().values()):
+        if a.dtype == torch.long: assert torch.equal(a, b), k
+        else: assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), k
+    assert dynamic.source_stale[2].tolist() == [2.0, 2.0, 2.0] and dynamic.source_stale[:2].eq(1).all()   # class 2 sat out
+
+
+def test_static_update_compiles_to_one_graph():
+    "The static update compiles with fullgraph=True (no graph break, no host sync) and matches its eager run."
+    eager, fused = _static_and_dynamic('min', compile=True, steps=2)
+    for (k, a), b in zip(eager.state_dict().items(), fused.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-4, rtol=1e-4), k

@@ -52,6 +52,12 @@ def test_hosts_train_with_finite_losses(toy, tmp_path, host, blda):
         assert tracker.estimated('source').any() and tracker.estimated('anchor').all()
         assert tracker.estimated('target').any() == (host != 'source_only')
 
+def test_static_tracker_option():
+    "--gmm-static builds BLDA's tracker with the fixed-shape update (tested in tests/test_tracker.py)."
+    from blda.train import build_criterion
+    assert build_criterion(TrainConfig(blda=True, gmm_static=True)).tracker.static
+    assert not build_criterion(TrainConfig(blda=True)).tracker.static
+
 def test_deeplab_c_daformer_blda(toy, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')

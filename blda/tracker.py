@@ -353,7 +353,7 @@ def _static_update(self: LogitTracker, z: Tensor, y: Tensor, pix_w: Tensor, doma
     for name, new in ((domain, grid), ('anchor', anchor)):
         if new is not None:
             for buf, value in zip(self._set_state(name), new): buf.copy_(value)
-    self.anchor_table.copy_(table)
+    if anchor is not None: self.anchor_table.copy_(table)
 
 LogitTracker._set_state, LogitTracker._static_update = _set_state, _static_update
 

@@ -198,3 +198,21 @@ def test_ema_order(model):
     assert update_teacher(t, s, 0, DACS.step) == 0
     assert all(torch.equal(a, b) for a, b in zip(t.parameters(), s.parameters()))
     assert update_teacher(t, s, 1000, DAFORMER.step) == 0.999
+
+
+def test_stopwatch_gpu_path_sums_event_pairs(monkeypatch):
+    "On a GPU the stopwatch records an event pair per section, waits only for the last event, and sums the spans."
+    from blda.uda import Stopwatch
+    log = []
+    class FakeEvent:   # stands in for torch.cuda.Event: elapsed_time is the difference of record ticks (ms)
+        clock = 0
+        def __init__(self, enable_timing=False): assert enable_timing; self.t = None
+        def record(self): FakeEvent.clock += 5; self.t = FakeEvent.clock
+        def synchronize(self): log.append(self.t)
+        def elapsed_time(self, end): return end.t - self.t
+    monkeypatch.setattr(torch.cuda, 'Event', FakeEvent)
+    watch = Stopwatch('cuda')
+    for _ in range(3):
+        with watch.section('criterion'): pass       # each pair spans 5 ticks
+    assert watch.read() == {'criterion': pytest.approx(0.015)} and log == [30]   # 3 × 5 ms; one wait, on the last event
+    assert watch.read() == {}

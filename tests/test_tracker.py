@@ -162,13 +162,13 @@ def test_input_validation_messages():
         LogitTracker(3, anchor_pooling='class', static=True)
 
 
-def _ddp_worker(rank, world, port, out_dir):
+def _ddp_worker(rank, world, port, out_dir, static=False):
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     dist.init_process_group('gloo', rank=rank, world_size=world)
     torch.manual_seed(100 + rank)                                           # ranks sample differently
     g = torch.Generator().manual_seed(rank)                                 # and see different data
-    tracker = LogitTracker(3, warmup=5, min_pixels=50)
+    tracker = LogitTracker(3, warmup=5, min_pixels=50, static=static)   # static: the dynamic update runs under DDP
     for step in range(8):
         z, y = stream(1024 if rank == 0 else 700, g)
         if rank == 1 and step == 2: y[:] = 255                               # a rank with no labelled pixels
@@ -177,11 +177,12 @@ def _ddp_worker(rank, world, port, out_dir):
     dist.destroy_process_group()
 
 
-def test_ddp_ranks_stay_identical(tmp_path):
+@pytest.mark.parametrize('static', [False, True], ids=['dynamic', 'static'])
+def test_ddp_ranks_stay_identical(tmp_path, static):
     import socket
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path), static), nprocs=2, join=True)
     s0, s1 = (torch.load(tmp_path / f'rank{r}.pt') for r in range(2))
     assert s0['source_updates'].sum() > 0
     for k in s0:

@@ -405,6 +405,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'blda.tracker._shift_chunk': ('tracker.html#_shift_chunk', 'blda/tracker.py'),
                               'blda.tracker._static_update': ('tracker.html#_static_update', 'blda/tracker.py'),
                               'blda.tracker._update_anchors': ('tracker.html#_update_anchors', 'blda/tracker.py'),
+                              'blda.tracker.class_sample_sizes': ('tracker.html#class_sample_sizes', 'blda/tracker.py'),
+                              'blda.tracker.class_samples': ('tracker.html#class_samples', 'blda/tracker.py'),
                               'blda.tracker.delta': ('tracker.html#delta', 'blda/tracker.py'),
                               'blda.tracker.label_cdf': ('tracker.html#label_cdf', 'blda/tracker.py'),
                               'blda.tracker.masked_fit': ('tracker.html#masked_fit', 'blda/tracker.py'),

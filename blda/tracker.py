@@ -5,16 +5,16 @@
 # %% ../nbs/03_tracker.ipynb #899dfb30
 from __future__ import annotations
 import functools
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from .gmm import (VAR_FLOOR, Mixture, em_fit, init_from_quantiles, quantile_table, table_quantile)
 
 # %% auto #0
-__all__ = ['DOMAINS', 'Shift', 'pixel_logits', 'LogitTracker', 'momentum_keep', 'sample_per_class', 'update',
-           'pixel_anchor_samples', 'SetState', 'UpdateSettings', 'masked_fit', 'static_update_step', 'shift', 'delta',
-           'label_cdf']
+__all__ = ['DOMAINS', 'Shift', 'pixel_logits', 'LogitTracker', 'momentum_keep', 'sample_per_class', 'class_sample_sizes',
+           'class_samples', 'update', 'pixel_anchor_samples', 'SetState', 'UpdateSettings', 'masked_fit',
+           'static_update_step', 'shift', 'delta', 'label_cdf']
 
 # %% ../nbs/03_tracker.ipynb #92fa2d7a
 DOMAINS = ('source', 'target')
@@ -176,6 +176,28 @@ def _check_domain(domain) -> None:
     if isinstance(domain, str) and domain not in DOMAINS:
         raise ValueError(f"domain must be one of {DOMAINS} or a (B, H, W) bool mask, got {domain!r}")
 
+def class_sample_sizes(key: Tensor, num_classes: int, min_pixels: int, max_samples: int, min_rule: bool,
+                       reduce: Callable[[Tensor], Tensor] = lambda t: t, world: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """How many pixels of each class to sample. `key` `(P,)`: each pixel's class, or `num_classes` for none.
+    Returns the classes' pixel counts over all processes (`reduce` sums them), whether each class has
+    `min_pixels`, and this process's sample sizes `(C,)`: at most `max_samples`, and with the official
+    'min' rule at most the smallest qualifying class's count, split over `world` processes."""
+    local = torch.bincount(key, minlength=num_classes + 1)[:num_classes]
+    counts = reduce(local)
+    ok = counts >= min_pixels
+    cap = torch.full_like(counts, max_samples)
+    if min_rule:
+        smallest = torch.where(ok, counts, counts.max() + 1).min()
+        cap = cap.clamp(max=(smallest + world - 1) // world)
+    return counts, ok, torch.where(ok, torch.minimum(local, cap), 0)
+
+def class_samples(z: Tensor, pix_w: Tensor, idx: Tensor, real: Tensor) -> tuple[Tensor, Tensor]:
+    """The sampled pixels `idx` `(R, N)` (`real`: which slots hold a sample) as logits `(R, C, N)`, x[i, l] being
+    logit l on row i's class, and weights `(R, N)`, 0 on empty slots. `z` `(P, C)`, `pix_w` `(P,)`."""
+    R, N = idx.shape
+    x = z.index_select(0, idx.view(-1)).view(R, N, z.shape[1]).transpose(1, 2)
+    return x, pix_w.index_select(0, idx.view(-1)).view(R, N) * real
+
 @torch.no_grad()
 def update(self: LogitTracker, logits: Tensor, labels: Tensor, domain: str, weight: Tensor | None = None) -> None:
     """One momentum-EM update of `domain`'s grid (and, for `'source'`, of the anchors).
@@ -192,15 +214,8 @@ def update(self: LogitTracker, logits: Tensor, labels: Tensor, domain: str, weig
     if self.static and not _distributed(): return self._static_update(z, y, pix_w, domain)
     valid = (y >= 0) & (y < C) & (pix_w > 0)
     key = torch.where(valid, y, C)
-    local = torch.bincount(key, minlength=C + 1)[:C]
-    counts = _all_sum(local)
-    ok = counts >= self.min_pixels
-    cap = torch.full_like(counts, self.max_samples)
-    if self.samples_per_class == 'min':   # official: the smallest valid class's count, for every class
-        world = dist.get_world_size() if _distributed() else 1
-        smallest = torch.where(ok, counts, counts.max() + 1).min()
-        cap = cap.clamp(max=(smallest + world - 1) // world)
-    sizes = torch.where(ok, torch.minimum(local, cap), 0)
+    counts, ok, sizes = class_sample_sizes(key, C, self.min_pixels, self.max_samples, self.samples_per_class == 'min',
+                                           _all_sum, dist.get_world_size() if _distributed() else 1)
     fresh = (~self.estimated(domain)).any(1) & ok
     anchor_ok = counts.sum() >= self.min_pixels if self.anchor_pooling == 'pixel' else ok.any()
     anchor_fresh = anchor_ok & ~self.estimated('anchor').all()
@@ -210,9 +225,8 @@ def update(self: LogitTracker, logits: Tensor, labels: Tensor, domain: str, weig
     if classes:   # only the rows of classes with enough pixels are fitted
         cls = torch.tensor(classes, device=z.device)
         idx, real = (t.index_select(0, cls) for t in sample_per_class(key, sizes, n_max))   # (R, N)
+        x, sw = class_samples(z, pix_w, idx, real)                                  # (R, C, N), (R, N)
         R, N = idx.shape
-        x = z.index_select(0, idx.view(-1)).view(R, N, C).transpose(1, 2)          # (R, C, N): x[i, l] = z_l on class cls[i]
-        sw = pix_w.index_select(0, idx.view(-1)).view(R, N) * real                 # (R, N)
         sample = (x, sw, cls)
         rows = (cls[:, None] * C + torch.arange(C, device=z.device)).view(-1)       # (R·C,) flat grid entries
         self._fit_and_blend(domain, x.reshape(R * C, N), sw[:, None, :].expand(R, C, N).reshape(R * C, N),
@@ -312,16 +326,9 @@ def static_update_step(z: Tensor, y: Tensor, pix_w: Tensor, grid: SetState, anch
     C, P = h.num_classes, z.shape[0]
     valid = (y >= 0) & (y < C) & (pix_w > 0)
     key = torch.where(valid, y, C)
-    counts = torch.bincount(key, minlength=C + 1)[:C]
-    ok = counts >= h.min_pixels
-    cap = torch.full_like(counts, h.max_samples)
-    if h.min_rule:
-        cap = cap.clamp(max=torch.where(ok, counts, counts.max() + 1).min())
-    sizes = torch.where(ok, torch.minimum(counts, cap), 0)
+    counts, ok, sizes = class_sample_sizes(key, C, h.min_pixels, h.max_samples, h.min_rule)
     N = min(h.max_samples, P)
-    idx, real = sample_per_class(key, sizes, N)                                   # (C, N)
-    x = z.index_select(0, idx.view(-1)).view(C, N, C).transpose(1, 2)           # x[c, l] = z_l on class c
-    sw = pix_w.index_select(0, idx.view(-1)).view(C, N) * real
+    x, sw = class_samples(z, pix_w, *sample_per_class(key, sizes, N))            # every class: (C, C, N), (C, N)
     grid = masked_fit(grid, x.reshape(C * C, N), sw[:, None, :].expand(C, C, N).reshape(C * C, N),
                       ok[:, None].expand(C, C).reshape(-1), ok.any(), h)
     if anchor is None: return grid, None, table

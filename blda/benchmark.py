@@ -55,7 +55,7 @@ def _peak_extra_mib(fn, device) -> float | None:
 # %% ../nbs/92_benchmark.ipynb #a8365613
 def run_benchmark(device: str = 'cpu', batch: int = 2, classes: int = 19, height: int = 128, width: int = 128,
                   posthoc_size: tuple[int, int] = (256, 512), repeats: int = 20, seed: int = 0,
-                  compile: bool | None = None, retain_memory: bool = True, static: bool = False) -> dict:
+                  compile: bool | None = None, retain_memory: bool = True, static: bool | None = None) -> dict:
     """Measure the steps described above; returns a dict of milliseconds, MiB and ratios. `compile`, `static`:
     see `LogitTracker`. `retain_memory`: on CPU, keep freed memory in the process as `train` does
     (`blda.train.retain_freed_memory`)."""
@@ -84,7 +84,7 @@ def run_benchmark(device: str = 'cpu', batch: int = 2, classes: int = 19, height
 
     counts = torch.bincount(labels.flatten().cpu(), minlength=classes)
     fitted = counts[counts >= tracker.min_pixels]
-    out = dict(device=str(device), shape=[batch, classes, height, width], compiled_steps=tracker._compiles(logits), static=static,
+    out = dict(device=str(device), shape=[batch, classes, height, width], compiled_steps=tracker._compiles(logits), static=tracker.uses_static(logits),
                grid_classes=len(fitted), grid_samples=min(int(fitted.min()), tracker.max_samples) if len(fitted) else 0)
     t = _time_rounds(steps, device, repeats)
     for name in steps: out[f'{name}_ms'] = _median(t[name])
@@ -163,7 +163,7 @@ def _measured_run(cfg, cuda: bool) -> dict:
 def run_train_benchmark(data_root, device: str = 'cpu', host: str = 'daformer', arch: str = 'T', encoder: str = 'mit_b0',
                         embed_dim: int = 64, crop: tuple[int, int] = (128, 128), iterations: int = 30, batch_size: int = 2,
                         precision: str = 'bf16', num_workers: int = 0, rounds: int = 1, seed: int = 0,
-                        static: bool = False) -> dict:
+                        static: bool | None = None) -> dict:
     """Train `host` on the toy benchmark in `data_root` (see `toy_for_crops`) without and with BLDA, `rounds`
     times in turn (in alternating order), and return the steady-state seconds per iteration of each and of its
     criterion's calls, peak memory on CUDA (GiB), and BLDA's share of the step, the median over rounds, measured
@@ -202,7 +202,7 @@ def run_train_benchmark(data_root, device: str = 'cpu', host: str = 'daformer', 
 def format_train_report(r: dict) -> str:
     lines = [f"device {r['device']}: {r['host']} ({r['arch']}, {r['encoder']}, head {r['embed_dim']}), crops {r['crop'][0]}×{r['crop'][1]}, "
              f"batch {r['batch_size']} + {r['batch_size']}, {r['precision']}, {r['iterations']} iterations, {r['rounds']} round(s)"
-             + (', static tracker update' if r.get('static') else '')]
+             + {True: ', static tracker update', False: ', dynamic tracker update'}.get(r.get('static'), '')]
     for key, name in (('host', 'without BLDA'), ('blda', 'with BLDA')):
         s = r[f'{key}_seconds_per_iter']
         mem = (f", peak memory {r[f'{key}_peak_gib']:.2f} GiB ({r[f'{key}_steady_peak_gib']:.2f} after the first third)"
@@ -226,8 +226,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--compile', choices=('auto', 'yes', 'no'), default='auto',
                         help='fuse the tracker kernels with torch.compile (auto: on CUDA only)')
     parser.add_argument('--json', default=None, help='also write the numbers to this JSON file')
-    parser.add_argument('--static', action='store_true',
-                        help="the tracker's fixed-shape update without host synchronisation (LogitTracker(static=True))")
+    parser.add_argument('--static', action=argparse.BooleanOptionalAction, default=None,
+                        help="the tracker's fixed-shape update without host synchronisation, or not "
+                             "(default: LogitTracker's, on for compiled kernels on a GPU)")
     parser.add_argument('--no-retain-memory', dest='retain_memory', action='store_false',
                         help="on CPU, let glibc return freed memory to the system (train keeps it; see blda.train)")
     t = parser.add_argument_group('training-step benchmark (--train)')

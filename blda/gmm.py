@@ -11,7 +11,8 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['VAR_FLOOR', 'Mixture', 'compute_dtype', 'normal_cdf', 'mixture_cdf', 'mixture_logpdf', 'mixture_quantile',
-           'quantile_table', 'table_quantile', 'em_fit', 'em_step', 'init_from_quantiles', 'fit_mixture']
+           'value_counts', 'quantile_table', 'table_quantile', 'em_fit', 'em_step', 'init_from_quantiles',
+           'fit_mixture']
 
 # %% ../nbs/02_gmm.ipynb #98e4aad7
 VAR_FLOOR = 1e-4          # smallest variance a fitted component may have (the official code's clip)
@@ -85,6 +86,16 @@ def mixture_quantile(p: Tensor, weights: Tensor, means: Tensor, variances: Tenso
     return x
 
 # %% ../nbs/02_gmm.ipynb #a192702a
+def value_counts(values: Tensor, size: int, scatter: bool | None = None) -> Tensor:
+    """How often each of 0 … `size` − 1 occurs in `values` (integer, any shape, all in that range): `(size,)`.
+
+    `torch.bincount` on the CPU. On a GPU (`scatter`; None = by the device) a scatter-add of fixed size
+    instead: `bincount` there reads the largest value back to size its output, a host synchronisation
+    that waits for all queued work."""
+    values = values.reshape(-1)
+    if not (values.is_cuda if scatter is None else scatter): return torch.bincount(values, minlength=size)
+    return torch.zeros(size, dtype=torch.long, device=values.device).scatter_add_(0, values.long(), torch.ones_like(values, dtype=torch.long))
+
 def quantile_table(mixture: Mixture, clamp: float, size: int = 16384, grid: int = 4096) -> Tensor:
     """Quantiles at `size` evenly spaced probabilities in [clamp, 1 − clamp].
 
@@ -105,7 +116,7 @@ def quantile_table(mixture: Mixture, clamp: float, size: int = 16384, grid: int 
     # #{i : F_i < p_j} = #{i : ⌊(F_i − clamp)/step⌋ + 1 ≤ j}, a bincount of those first j and a cumulative sum
     first = (((F - clamp) / step).floor() + 1).clamp(0, size).long()
     row = torch.arange(T, device=device)[:, None]
-    i = torch.bincount((first + row * (size + 1)).view(-1), minlength=T * (size + 1)).view(T, size + 1).cumsum(1)[:, :size]
+    i = value_counts(first + row * (size + 1), T * (size + 1)).view(T, size + 1).cumsum(1)[:, :size]
     i = i.clamp(1, grid - 1) + row * grid                                   # flat indices into F and x
     F0, F1, x0, x1 = (t.reshape(-1).index_select(0, j.view(-1)).view(T, size) for t, j in ((F, i - 1), (F, i), (x, i - 1), (x, i)))
     p = torch.linspace(clamp, 1 - clamp, size, dtype=torch.float64, device=device)
@@ -132,13 +143,16 @@ def table_quantile(p: Tensor, table: Tensor, clamp: float, row: Tensor | None = 
 
 # %% ../nbs/02_gmm.ipynb #b46e5f7e
 def em_fit(x: Tensor, sample_weight: Tensor, mixture: Mixture, steps: int = 1, var_floor: float = VAR_FLOOR,
-           reduce: Callable[[Tensor], Tensor] | None = None) -> Mixture:
+           reduce: Callable[[Tensor], Tensor] | None = None, matmul: bool | None = None) -> Mixture:
     """`steps` EM steps from `mixture`. `x`, `sample_weight`: `(..., N)`; `mixture` fields: `(..., K)`.
     Returns `(..., K)`.
 
     `reduce`, if given, sums the sufficient statistics across processes (`torch.distributed.all_reduce`),
-    so that every process computes the fit of the union of all processes' samples."""
+    so that every process computes the fit of the union of all processes' samples. `matmul`: form the
+    distances and the moments by batched matrix products (the faster way on the CPU) or by broadcasts
+    (on a GPU); None = by the device of `x`."""
     reduce = reduce or (lambda t: t)
+    matmul = not x.is_cuda if matmul is None else matmul
     x, sw, w, m, v = _prepare(x, sample_weight, *mixture)
     lead, N, K = x.shape[:-1], x.shape[-1], w.shape[-1]
     x, sw = x.reshape(-1, N), sw.reshape(-1, N)                                      # (E, N)
@@ -146,17 +160,20 @@ def em_fit(x: Tensor, sample_weight: Tensor, mixture: Mixture, steps: int = 1, v
     # Centred on the starting mixture mean, the moments stay free of cancellation even for logits of size 1e4.
     centre = (w * m).sum(-1, keepdim=True)                                           # (E, 1)
     xc = x - centre
-    affine = torch.stack([xc, torch.ones_like(xc)], 1)                               # (E, 2, N)
-    integrands = torch.stack([sw, sw * xc, sw * xc.square()], -1)                    # (E, N, 3)
+    affine = torch.stack([xc, torch.ones_like(xc)], 1) if matmul else None           # (E, 2, N)
+    integrands = torch.stack([sw, sw * xc, sw * xc.square()], -1 if matmul else 1)   # (E, N, 3), or (E, 3, N)
     total = reduce(sw.sum(-1, keepdim=True))                                         # (E, 1)
     has_data = total > 0
     for _ in range(steps):
         v = v.clamp_min(_TINY)
         r = (0.5 / v).sqrt()                                                         # 1 / (σ√2)
-        u = torch.bmm(torch.stack([r, -r * (m - centre)], -1), affine)              # (E, K, N): (x − μ_k) / (σ_k√2)
+        if matmul: u = torch.bmm(torch.stack([r, -r * (m - centre)], -1), affine)  # (E, K, N): (x − μ_k) / (σ_k√2)
+        else: u = r[..., None] * (xc[:, None, :] - (m - centre)[..., None])
         const = (w.clamp_min(_TINY).log() - 0.5 * v.log()).unsqueeze(-1)             # log π_k N(x) + ½log 2π = const − u²
         resp = torch.softmax(torch.addcmul(const, u, u, value=-1), 1)                # (E, K, N)
-        moments = reduce(torch.bmm(resp, integrands))                                # (E, K, 3): Σrw, Σrw·x, Σrw·x²
+        if matmul: moments = torch.bmm(resp, integrands)                            # (E, K, 3): Σrw, Σrw·x, Σrw·x²
+        else: moments = (resp[:, :, None, :] * integrands[:, None]).sum(-1)
+        moments = reduce(moments)
         mass = moments[..., 0]
         safe = mass.clamp_min(_TINY)
         mean_c = moments[..., 1] / safe

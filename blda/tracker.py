@@ -9,12 +9,12 @@ from typing import Callable, NamedTuple
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from .gmm import (VAR_FLOOR, Mixture, em_fit, init_from_quantiles, quantile_table, table_quantile)
+from .gmm import (VAR_FLOOR, Mixture, em_fit, init_from_quantiles, quantile_table, table_quantile, value_counts)
 
 # %% auto #0
-__all__ = ['DOMAINS', 'Shift', 'pixel_logits', 'LogitTracker', 'momentum_keep', 'sample_per_class', 'class_sample_sizes',
-           'class_samples', 'update', 'pixel_anchor_samples', 'SetState', 'UpdateSettings', 'masked_fit',
-           'static_update_step', 'shift', 'delta', 'label_cdf']
+__all__ = ['DOMAINS', 'Shift', 'pixel_logits', 'LogitTracker', 'momentum_keep', 'random_ranks', 'sample_per_class',
+           'class_sample_sizes', 'class_samples', 'update', 'pixel_anchor_samples', 'SetState', 'UpdateSettings',
+           'masked_fit', 'static_update_step', 'shift', 'delta', 'label_cdf']
 
 # %% ../nbs/03_tracker.ipynb #92fa2d7a
 DOMAINS = ('source', 'target')
@@ -55,10 +55,11 @@ class LogitTracker(nn.Module):
                  anchor_pooling: str = 'pixel',      # 'pixel': all source positives/negatives pooled (official); 'class': each class weighs the same
                  samples_per_class: str = 'min',     # 'min': official, the smallest valid class's count for every class; 'all': each class up to max_samples
                  max_samples: int = 4096,            # cap on sampled pixels per class (memory bound); anchors use up to num_classes × this
-                 var_floor: float = VAR_FLOOR, table_size: int = 16384, chunk_pixels: int = 131072,
+                 var_floor: float = VAR_FLOOR, table_size: int = 16384,
+                 chunk_pixels: int | None = None,  # pixels per pass of `shift`; None = 131072 on the CPU, 524288 on a GPU
                  ignore_index: int = 255,
                  compile: bool | None = None,    # fuse EM and the shift with torch.compile; None = on CUDA only
-                 static: bool = False):          # one fixed-shape update graph without host synchronisation (see below)
+                 static: bool | None = None):    # one fixed-shape update graph without host synchronisation (see below); None = on a GPU
         super().__init__()
         checks = [(num_classes >= 2, 'num_classes must be at least 2'), (components >= 1, 'components must be at least 1'),
                   (0 <= momentum < 1, 'momentum must lie in [0, 1)'), (em_steps >= 1, 'em_steps must be at least 1'),
@@ -95,6 +96,12 @@ class LogitTracker(nn.Module):
     def _compiles(self, t: Tensor) -> bool:
         "Whether to use the compiled kernels for tensors like `t`."
         return t.is_cuda if self.compile is None else self.compile
+
+    def uses_static(self, t: Tensor) -> bool:
+        """Whether `update` takes the static path for logits like `t`: as `static` says, or by default where
+        it is faster, on a GPU with compiled kernels and pooled anchors; never under `torch.distributed`."""
+        static = (t.is_cuda and self._compiles(t) and self.anchor_pooling == 'pixel') if self.static is None else self.static
+        return static and not _distributed()
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, components={self.components}, momentum={self.momentum}, "
@@ -149,15 +156,24 @@ def _advance(self: LogitTracker, name: str, rows: Tensor | None) -> None:
 LogitTracker._fit_and_blend, LogitTracker._advance = _fit_and_blend, _advance
 
 # %% ../nbs/03_tracker.ipynb #8f81fa80
+def random_ranks(n: int, device: torch.device | str | None = None) -> Tensor:
+    """Each of `n` items' position `(n,)` in a uniformly random order: the inverse of `torch.randperm(n)`.
+
+    Sorting by `key * n + rank` orders items by key and, within a key, at random, in one sort of unique
+    keys. It gives the same order as permuting by `randperm` then stable-sorting by key, without indexing
+    by the permutation: torch 2.11's inductor fails to compile that indexing on CUDA (its
+    `randperm_index_pattern` rewrite raises "Not all inputs to pattern found")."""
+    perm = torch.randperm(n, device=device)
+    return torch.empty_like(perm).scatter_(0, perm, torch.arange(n, device=device))
+
 def sample_per_class(labels: Tensor, sizes: Tensor, max_size: int) -> tuple[Tensor, Tensor]:
     """Draw `sizes[c]` pixels of each class c uniformly without replacement.
 
     `labels`: `(P,)` with values in [0, C] (C = not sampled); `sizes`: `(C,)`, at most each class's count.
     Returns pixel indices `(C, N)` and a bool mask `(C, N)` of the real samples, N = max(1, max_size)."""
     C, P, N = sizes.shape[0], labels.shape[0], max(1, max_size)
-    perm = torch.randperm(P, device=labels.device)
-    order = perm.index_select(0, torch.sort(labels.index_select(0, perm), stable=True).indices)
-    counts = torch.bincount(labels, minlength=C + 1)
+    order = torch.sort(labels * P + random_ranks(P, labels.device)).indices     # by class, random within a class
+    counts = value_counts(labels, C + 1)
     starts = counts.cumsum(0) - counts
     j = torch.arange(N, device=labels.device)
     idx = order.index_select(0, (starts[:C, None] + j).clamp(max=P - 1).view(-1)).view(C, N)
@@ -182,7 +198,7 @@ def class_sample_sizes(key: Tensor, num_classes: int, min_pixels: int, max_sampl
     Returns the classes' pixel counts over all processes (`reduce` sums them), whether each class has
     `min_pixels`, and this process's sample sizes `(C,)`: at most `max_samples`, and with the official
     'min' rule at most the smallest qualifying class's count, split over `world` processes."""
-    local = torch.bincount(key, minlength=num_classes + 1)[:num_classes]
+    local = value_counts(key, num_classes + 1)[:num_classes]
     counts = reduce(local)
     ok = counts >= min_pixels
     cap = torch.full_like(counts, max_samples)
@@ -211,7 +227,7 @@ def update(self: LogitTracker, logits: Tensor, labels: Tensor, domain: str, weig
     z = pixel_logits(logits)                                                         # (P, C)
     y = labels.reshape(-1).long()
     pix_w = torch.ones_like(z[:, 0]) if weight is None else weight.detach().reshape(-1).float()
-    if self.static and not _distributed(): return self._static_update(z, y, pix_w, domain)
+    if self.uses_static(z): return self._static_update(z, y, pix_w, domain)
     valid = (y >= 0) & (y < C) & (pix_w > 0)
     key = torch.where(valid, y, C)
     counts, ok, sizes = class_sample_sizes(key, C, self.min_pixels, self.max_samples, self.samples_per_class == 'min',
@@ -244,9 +260,7 @@ def pixel_anchor_samples(z: Tensor, y: Tensor, valid: Tensor, pix_w: Tensor, max
     (P, C), dev = z.shape, z.device
     M = min(P, max_pixels)
     if M < P:   # valid pixels first, in random order: the first M are a uniform sample
-        perm = torch.randperm(P, device=dev)
-        first = torch.sort((~valid).index_select(0, perm).to(torch.uint8), stable=True).indices[:M]
-        pix = perm.index_select(0, first)
+        pix = torch.sort((~valid).long() * P + random_ranks(P, dev)).indices[:M]
         z, y, valid, pix_w = (t.index_select(0, pix) for t in (z, y, valid, pix_w))
     own = y.clamp(0, C - 1)
     other = (own + torch.randint(1, C, own.shape, device=dev)) % C             # a uniform other class
@@ -386,9 +400,10 @@ def shift(self: LogitTracker, logits: Tensor, labels: Tensor, domain: str | Tens
     est = torch.cat([self.estimated(d) for d in DOMAINS]) & self.estimated('anchor').all()
     defined = torch.cat([est, est.new_zeros(1, C)])                                # (2C + 1, C): where Δ is defined
     chunk = _compiled(_shift_chunk) if self._compiles(z) else _shift_chunk
-    parts = [chunk(z[s:s + self.chunk_pixels], grid[s:s + self.chunk_pixels], yc[s:s + self.chunk_pixels],
+    step = self.chunk_pixels or (524288 if z.is_cuda else 131072)
+    parts = [chunk(z[s:s + step], grid[s:s + step], yc[s:s + step],
                    coef, defined, self.anchor_table, self.clamp)
-             for s in range(0, z.shape[0], self.chunk_pixels)]
+             for s in range(0, z.shape[0], step)]
     delta, label_cdf, label_est = (torch.cat(t) if len(parts) > 1 else t[0] for t in zip(*parts))
     return Shift(delta.view(B, H, W, C).permute(0, 3, 1, 2), label_cdf.view(B, H, W), label_est.view(B, H, W))
 

@@ -66,7 +66,7 @@ class TrainConfig:
     gmm_momentum: float = 0.99
     em_steps: int = 3
     gmm_warmup: int = 1500                  # tracker updates over which the EM momentum ramps up to gmm_momentum
-    gmm_static: bool = False                # the tracker's fixed-shape update without host synchronisation (for GPUs; LogitTracker static)
+    gmm_static: bool | None = None          # the tracker's fixed-shape update without host synchronisation (LogitTracker static); None = on a GPU
     # host overrides (None: the host's value)
     alpha: float | None = None
     pseudo_threshold: float = 0.968

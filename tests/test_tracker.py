@@ -131,6 +131,21 @@ def test_memory_layouts_give_the_same_state_and_shift():
     assert (shift0.delta[0, :, 2:] != 0).any() and (shift0.delta[0, :, :2] == 0).all()
 
 
+def test_shift_does_not_depend_on_the_chunk_size():
+    "Δ, the label CDF and its mask are per pixel: passes of 7 or 100 pixels give the one-pass result."
+    tracker = LogitTracker(3, warmup=5, min_pixels=50)
+    g = fitted(tracker, steps=10, n=2048)
+    z, y = stream(333, g)
+    y[0, 0, :5] = 255
+    whole = tracker.shift(z, y, 'source')
+    for chunk in (7, 100):
+        tracker.chunk_pixels = chunk
+        part = tracker.shift(z, y, 'source')
+        assert torch.equal(part.delta, whole.delta) and torch.equal(part.label_cdf, whole.label_cdf)
+        assert torch.equal(part.label_estimated, whole.label_estimated)
+    assert (whole.delta != 0).any()
+
+
 def test_checkpoint_restore_is_exact():
     a = LogitTracker(3, warmup=10, min_pixels=50)
     fitted(a, steps=20)
@@ -237,3 +252,13 @@ def test_static_update_compiles_to_one_graph():
     eager, fused = _static_and_dynamic('min', compile=True, steps=2)
     for (k, a), b in zip(eager.state_dict().items(), fused.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-4, rtol=1e-4), k
+
+
+def test_static_update_is_the_default_for_compiled_gpu_trackers_only():
+    "static=None takes the static update where it was measured faster: a GPU, compiled kernels, pooled anchors."
+    from types import SimpleNamespace
+    gpu, cpu = SimpleNamespace(is_cuda=True), torch.zeros(1)   # uses_static only reads the device of its argument
+    assert LogitTracker(3).uses_static(gpu) and not LogitTracker(3).uses_static(cpu)
+    assert not LogitTracker(3, compile=False).uses_static(gpu)
+    assert not LogitTracker(3, anchor_pooling='class').uses_static(gpu)
+    assert LogitTracker(3, static=True).uses_static(cpu) and not LogitTracker(3, static=False).uses_static(gpu)

@@ -53,10 +53,14 @@ def test_hosts_train_with_finite_losses(toy, tmp_path, host, blda):
         assert tracker.estimated('target').any() == (host != 'source_only')
 
 def test_static_tracker_option():
-    "--gmm-static builds BLDA's tracker with the fixed-shape update (tested in tests/test_tracker.py)."
+    "--gmm-static / --no-gmm-static force the tracker's update; by default the tracker picks (tests/test_tracker.py)."
     from blda.train import build_criterion
-    assert build_criterion(TrainConfig(blda=True, gmm_static=True)).tracker.static
-    assert not build_criterion(TrainConfig(blda=True)).tracker.static
+    import argparse
+    from blda.train_cli import add_arguments, given_fields
+    parser = argparse.ArgumentParser(); add_arguments(parser)
+    for argv, static in (([], None), (['--gmm-static'], True), (['--no-gmm-static'], False)):
+        config = TrainConfig(**given_fields(parser.parse_args(argv + ['--blda'])))
+        assert config.gmm_static is static and build_criterion(config).tracker.static is static, argv
 
 def test_deeplab_c_daformer_blda(toy, tmp_path):
     with warnings.catch_warnings():

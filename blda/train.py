@@ -42,9 +42,11 @@ DATA_CHOICES = ('gta2cs', 'synthia2cs', 'toy')
 PRECISIONS = ('bf16', 'fp32')
 # Fields that may change between a run and its resumption: they do not change the training computation
 # (evaluation runs under a forked random state and leaves the model as it was).
+# gmm_static is one too, like device: it computes the same tracker update another way (up to rounding), and
+# runs begun when its default was False resume under the default None.
 RESUMABLE_CHANGES = ('stop_after', 'progress', 'resume', 'num_workers', 'device', 'checkpoint_interval',
                      'output_dir', 'source_root', 'target_root', 'log_interval', 'eval_interval', 'eval_mode',
-                     'eval_max_images', 'eval_posthoc_tau')
+                     'eval_max_images', 'eval_posthoc_tau', 'gmm_static')
 
 @dataclass(frozen=True)
 class TrainConfig:

@@ -102,6 +102,10 @@ def test_resume_refuses_another_config(toy, tmp_path):
     with pytest.raises(ValueError, match='lr'):
         train(dataclasses.replace(cfg, lr=1e-4))
     assert train(dataclasses.replace(cfg, lr=1e-4, resume=False)).iteration == 2
+    # a run begun with the tracker's update forced resumes under another choice (same update, other arithmetic)
+    part = dataclasses.replace(cfg, output_dir=str(tmp_path/'static'), stop_after=1)
+    assert train(part).iteration == 1
+    assert train(dataclasses.replace(part, stop_after=None, gmm_static=True)).iteration == 2
 
 # ------------------------------------------------------------------------------------------ config and schedule
 def test_config_errors_name_the_field(toy, tmp_path):

@@ -369,11 +369,12 @@ def _static_update(self: LogitTracker, z: Tensor, y: Tensor, pix_w: Tensor, doma
     h = UpdateSettings(self.num_classes, self.components, self.em_steps, self.var_floor, self.momentum, self.warmup,
                        self.min_pixels, self.max_samples, self.samples_per_class == 'min', self.clamp)
     step = _compiled_static() if self._compiles(z) else static_update_step
-    grid, anchor, table = step(z, y, pix_w, self._set_state(domain),
-                               self._set_state('anchor') if domain == 'source' else None, self.anchor_table, h)
-    for name, new in ((domain, grid), ('anchor', anchor)):
-        if new is not None:
-            for buf, value in zip(self._set_state(name), new): buf.copy_(value)
+    grid = self._set_state(domain)                                   # views of the buffers: written back below
+    anchor = self._set_state('anchor') if domain == 'source' else None
+    new_grid, new_anchor, table = step(z, y, pix_w, grid, anchor, self.anchor_table, h)
+    for bufs, values in ((grid, new_grid), (anchor, new_anchor)):
+        if values is not None:
+            for buf, value in zip(bufs, values): buf.copy_(value)
     if anchor is not None: self.anchor_table.copy_(table)
 
 LogitTracker._set_state, LogitTracker._static_update = _set_state, _static_update

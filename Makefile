@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export MPLBACKEND := Agg
 export PYTHONHASHSEED := 0
 
-.PHONY: venv table demo test export nbtest pytest benchmark docs clean
+.PHONY: venv table demo test export nbtest pytest benchmark gpu-check docs clean
 
 JOBS ?= 2
 
@@ -53,6 +53,13 @@ pytest: venv
 
 benchmark: venv
 	$(BIN)/blda benchmark
+
+# On a machine with a CUDA GPU: the GPU-only tests (CI has no GPU and skips them) and the GPU benchmark,
+# with the static update (the default there) and with the dynamic one.
+gpu-check: venv
+	$(BIN)/pytest -q tests/test_gpu.py
+	$(BIN)/blda benchmark --device cuda
+	$(BIN)/blda benchmark --device cuda --no-static
 
 # Static HTML of every notebook (tutorials first) in _docs/, from their saved outputs.
 docs: venv

@@ -172,7 +172,8 @@ def sample_per_class(labels: Tensor, sizes: Tensor, max_size: int) -> tuple[Tens
     `labels`: `(P,)` with values in [0, C] (C = not sampled); `sizes`: `(C,)`, at most each class's count.
     Returns pixel indices `(C, N)` and a bool mask `(C, N)` of the real samples, N = max(1, max_size)."""
     C, P, N = sizes.shape[0], labels.shape[0], max(1, max_size)
-    order = torch.sort(labels * P + random_ranks(P, labels.device)).indices     # by class, random within a class
+    keys = labels * P + random_ranks(P, labels.device)                          # unique: by class, random within a class
+    order = torch.sort(keys.int() if (C + 1) * P < 2**31 else keys).indices     # int32 sorts 1.7× faster on the CPU
     counts = value_counts(labels, C + 1)
     starts = counts.cumsum(0) - counts
     j = torch.arange(N, device=labels.device)
@@ -260,7 +261,8 @@ def pixel_anchor_samples(z: Tensor, y: Tensor, valid: Tensor, pix_w: Tensor, max
     (P, C), dev = z.shape, z.device
     M = min(P, max_pixels)
     if M < P:   # valid pixels first, in random order: the first M are a uniform sample
-        pix = torch.sort((~valid).long() * P + random_ranks(P, dev)).indices[:M]
+        keys = (~valid).long() * P + random_ranks(P, dev)
+        pix = torch.sort(keys.int() if 2 * P < 2**31 else keys).indices[:M]
         z, y, valid, pix_w = (t.index_select(0, pix) for t in (z, y, valid, pix_w))
     own = y.clamp(0, C - 1)
     other = (own + torch.randint(1, C, own.shape, device=dev)) % C             # a uniform other class

@@ -410,6 +410,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'blda.tracker.class_sample_sizes': ('tracker.html#class_sample_sizes', 'blda/tracker.py'),
                               'blda.tracker.class_samples': ('tracker.html#class_samples', 'blda/tracker.py'),
                               'blda.tracker.delta': ('tracker.html#delta', 'blda/tracker.py'),
+                              'blda.tracker.grouped_random_order': ('tracker.html#grouped_random_order', 'blda/tracker.py'),
                               'blda.tracker.label_cdf': ('tracker.html#label_cdf', 'blda/tracker.py'),
                               'blda.tracker.masked_fit': ('tracker.html#masked_fit', 'blda/tracker.py'),
                               'blda.tracker.momentum_keep': ('tracker.html#momentum_keep', 'blda/tracker.py'),

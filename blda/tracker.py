@@ -12,9 +12,9 @@ from torch import Tensor, nn
 from .gmm import (VAR_FLOOR, Mixture, em_fit, init_from_quantiles, quantile_table, table_quantile, value_counts)
 
 # %% auto #0
-__all__ = ['DOMAINS', 'Shift', 'pixel_logits', 'LogitTracker', 'momentum_keep', 'random_ranks', 'sample_per_class',
-           'class_sample_sizes', 'class_samples', 'update', 'pixel_anchor_samples', 'SetState', 'UpdateSettings',
-           'masked_fit', 'static_update_step', 'shift', 'delta', 'label_cdf']
+__all__ = ['DOMAINS', 'Shift', 'pixel_logits', 'LogitTracker', 'momentum_keep', 'random_ranks', 'grouped_random_order',
+           'sample_per_class', 'class_sample_sizes', 'class_samples', 'update', 'pixel_anchor_samples', 'SetState',
+           'UpdateSettings', 'masked_fit', 'static_update_step', 'shift', 'delta', 'label_cdf']
 
 # %% ../nbs/03_tracker.ipynb #92fa2d7a
 DOMAINS = ('source', 'target')
@@ -166,14 +166,21 @@ def random_ranks(n: int, device: torch.device | str | None = None) -> Tensor:
     perm = torch.randperm(n, device=device)
     return torch.empty_like(perm).scatter_(0, perm, torch.arange(n, device=device))
 
+def grouped_random_order(groups: Tensor, num_groups: int) -> Tensor:
+    """Indices `(n,)` that order `groups` `(n,)` (values in [0, `num_groups`)) by group and uniformly at random
+    within a group: one sort of the unique keys group · n + `random_ranks`, as int32 when they fit (an
+    int32 sort is 1.7× faster on the CPU than an int64 one, and the keys are unique, so the order is the same)."""
+    n = groups.shape[0]
+    keys = groups * n + random_ranks(n, groups.device)
+    return torch.sort(keys.int() if num_groups * n < 2**31 else keys).indices
+
 def sample_per_class(labels: Tensor, sizes: Tensor, max_size: int) -> tuple[Tensor, Tensor]:
     """Draw `sizes[c]` pixels of each class c uniformly without replacement.
 
     `labels`: `(P,)` with values in [0, C] (C = not sampled); `sizes`: `(C,)`, at most each class's count.
     Returns pixel indices `(C, N)` and a bool mask `(C, N)` of the real samples, N = max(1, max_size)."""
     C, P, N = sizes.shape[0], labels.shape[0], max(1, max_size)
-    keys = labels * P + random_ranks(P, labels.device)                          # unique: by class, random within a class
-    order = torch.sort(keys.int() if (C + 1) * P < 2**31 else keys).indices     # int32 sorts 1.7× faster on the CPU
+    order = grouped_random_order(labels, C + 1)                                 # by class, random within a class
     counts = value_counts(labels, C + 1)
     starts = counts.cumsum(0) - counts
     j = torch.arange(N, device=labels.device)
@@ -261,8 +268,7 @@ def pixel_anchor_samples(z: Tensor, y: Tensor, valid: Tensor, pix_w: Tensor, max
     (P, C), dev = z.shape, z.device
     M = min(P, max_pixels)
     if M < P:   # valid pixels first, in random order: the first M are a uniform sample
-        keys = (~valid).long() * P + random_ranks(P, dev)
-        pix = torch.sort(keys.int() if 2 * P < 2**31 else keys).indices[:M]
+        pix = grouped_random_order((~valid).long(), 2)[:M]
         z, y, valid, pix_w = (t.index_select(0, pix) for t in (z, y, valid, pix_w))
     own = y.clamp(0, C - 1)
     other = (own + torch.randint(1, C, own.shape, device=dev)) % C             # a uniform other class

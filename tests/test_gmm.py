@@ -115,7 +115,6 @@ def test_em_fit_float32_matches_float64_with_narrow_components():
         assert (a.double() - b).abs().max() < 1e-3, name
 
 
-
 def test_em_fit_float32_close_to_float64_on_anchor_sized_samples():
     """The anchors' shape: two mixtures of 32768 samples. Float32 sums of that many moments lose digits unless
     the moments' product accumulates well; reading the (E, 3, N) stack through a transposed view did, with
@@ -129,6 +128,7 @@ def test_em_fit_float32_close_to_float64_on_anchor_sized_samples():
     double = em_fit(x.double(), sw.double(), Mixture(*(t.double() for t in start)), steps=3)
     for name, a, b, tol in zip(('weights', 'means', 'variances'), single, double, (1e-5, 1.5e-4, 4e-4)):
         assert (a.double() - b).abs().max() < tol, name
+
 
 def _finite(mix):
     return all(torch.isfinite(t).all() for t in mix)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from blda.adjust import posthoc
 from blda.benchmark import run_benchmark, synthetic_batch
-from blda.gmm import em_fit, init_from_quantiles, value_counts
+from blda.gmm import Mixture, em_fit, init_from_quantiles, value_counts
 from blda.tracker import LogitTracker
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
@@ -49,7 +49,7 @@ def test_broadcast_em_matches_the_cpu_products():
     sw = (torch.rand(304, 1024, generator=g) > 0.1).float()
     start = init_from_quantiles(x, sw, 5)
     cpu = em_fit(x, sw, start, steps=3)
-    gpu = em_fit(x.cuda(), sw.cuda(), type(start)(*(t.cuda() for t in start)), steps=3)
+    gpu = em_fit(x.cuda(), sw.cuda(), Mixture(*(t.cuda() for t in start)), steps=3)
     for name, a, b in zip(('weights', 'means', 'variances'), cpu, gpu):
         assert (a - b.cpu()).abs().max() < 1e-4, name
 

@@ -55,9 +55,10 @@ def _peak_extra_mib(fn, device) -> float | None:
 # %% ../nbs/92_benchmark.ipynb #a8365613
 def run_benchmark(device: str = 'cpu', batch: int = 2, classes: int = 19, height: int = 128, width: int = 128,
                   posthoc_size: tuple[int, int] = (256, 512), repeats: int = 20, seed: int = 0,
-                  compile: bool | None = None, retain_memory: bool = True, static: bool | None = None) -> dict:
-    """Measure the steps described above; returns a dict of milliseconds, MiB and ratios. `compile`, `static`:
-    see `LogitTracker`. `retain_memory`: on CPU, keep freed memory in the process as `train` does
+                  compile: bool | None = None, retain_memory: bool = True, static: bool | None = None,
+                  native: bool | None = None) -> dict:
+    """Measure the steps described above; returns a dict of milliseconds, MiB and ratios. `compile`, `static`,
+    `native`: see `LogitTracker`. `retain_memory`: on CPU, keep freed memory in the process as `train` does
     (`blda.train.retain_freed_memory`)."""
     if retain_memory and torch.device(device).type == 'cpu':
         from blda.train import retain_freed_memory
@@ -66,7 +67,7 @@ def run_benchmark(device: str = 'cpu', batch: int = 2, classes: int = 19, height
     logits, labels = synthetic_batch(batch, classes, height, width, device, g)
     is_target = torch.zeros_like(labels, dtype=torch.bool); is_target[..., width // 2:] = True
     weight = torch.where(is_target, 0.8, 1.0)
-    tracker = LogitTracker(classes, warmup=10, compile=compile, static=static).to(device)
+    tracker = LogitTracker(classes, warmup=10, compile=compile, static=static, native=native).to(device)
     blda = BLDALoss(tracker, tau=0.1, cdf_weight=0.0)
     for _ in range(5):   # estimate every pair once so the timed steps do the full work
         tracker.update(logits, labels, 'source'); tracker.update(logits, labels, 'target')
@@ -85,6 +86,7 @@ def run_benchmark(device: str = 'cpu', batch: int = 2, classes: int = 19, height
     counts = torch.bincount(labels.flatten().cpu(), minlength=classes)
     fitted = counts[counts >= tracker.min_pixels]
     out = dict(device=str(device), shape=[batch, classes, height, width], compiled_steps=tracker._compiles(logits), static=tracker.uses_static(logits),
+               native=tracker.uses_native(logits),
                grid_classes=len(fitted), grid_samples=min(int(fitted.min()), tracker.max_samples) if len(fitted) else 0)
     t = _time_rounds(steps, device, repeats)
     for name in steps: out[f'{name}_ms'] = _median(t[name])
@@ -112,7 +114,8 @@ def run_benchmark(device: str = 'cpu', batch: int = 2, classes: int = 19, height
 
 def format_report(r: dict) -> str:
     lines = [f"device {r['device']}, step batch {tuple(r['shape'])}, posthoc {tuple(r['posthoc_shape'])}, "
-             f"tracker {'compiled' if r['compiled_steps'] else 'eager'}{', static update' if r.get('static') else ''}, "
+             f"tracker {'compiled' if r['compiled_steps'] else 'fused CPU kernels' if r.get('native') else 'PyTorch eager'}"
+             f"{', static update' if r.get('static') else ''}, "
              f"grid {r['grid_classes']} classes × {r['grid_samples']} samples",
              f"  plain CE fwd+bwd     {r['plain_ce_ms']:8.2f} ms",
              f"  BLDA source step     {r['blda_source_ms']:8.2f} ms   ratio {r['source_ratio']:.2f}x"
@@ -229,6 +232,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--static', action=argparse.BooleanOptionalAction, default=None,
                         help="the tracker's fixed-shape update without host synchronisation, or not "
                              "(default: LogitTracker's, on for compiled kernels on a GPU)")
+    parser.add_argument('--native', action=argparse.BooleanOptionalAction, default=None,
+                        help="EM and the shift by the fused CPU kernels of blda.native, or by PyTorch (default: the kernels "
+                             "on the CPU where they build; BLDA_NATIVE=0 turns them off everywhere, --train included)")
     parser.add_argument('--no-retain-memory', dest='retain_memory', action='store_false',
                         help="on CPU, let glibc return freed memory to the system (train keeps it; see blda.train)")
     t = parser.add_argument_group('training-step benchmark (--train)')
@@ -254,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
     B, C, H, W = args.shape or ((2, 19, 512, 512) if gpu else (2, 19, 128, 128))
     compile = dict(auto=None, yes=True, no=False)[args.compile]
     r = run_benchmark(device, B, C, H, W, tuple(args.posthoc_size or ((1024, 2048) if gpu else (256, 512))), args.repeats,
-                      compile=compile, retain_memory=args.retain_memory, static=args.static)
+                      compile=compile, retain_memory=args.retain_memory, static=args.static, native=args.native)
     print(format_report(r))
     if args.json: Path(args.json).write_text(json.dumps(r, indent=2))
     return 0

@@ -8,6 +8,7 @@ import math
 from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
+from .native import MAX_COMPONENTS as NATIVE_MAX_COMPONENTS, em_moments as native_em_moments, kernels as native_kernels, usable as native_usable
 
 # %% auto #0
 __all__ = ['VAR_FLOOR', 'Mixture', 'compute_dtype', 'normal_cdf', 'mixture_cdf', 'mixture_logpdf', 'mixture_quantile',
@@ -143,38 +144,49 @@ def table_quantile(p: Tensor, table: Tensor, clamp: float, row: Tensor | None = 
 
 # %% ../nbs/02_gmm.ipynb #b46e5f7e
 def em_fit(x: Tensor, sample_weight: Tensor, mixture: Mixture, steps: int = 1, var_floor: float = VAR_FLOOR,
-           reduce: Callable[[Tensor], Tensor] | None = None, matmul: bool | None = None) -> Mixture:
+           reduce: Callable[[Tensor], Tensor] | None = None, matmul: bool | None = None,
+           native: bool | None = None) -> Mixture:
     """`steps` EM steps from `mixture`. `x`, `sample_weight`: `(..., N)`; `mixture` fields: `(..., K)`.
     Returns `(..., K)`.
 
     `reduce`, if given, sums the sufficient statistics across processes (`torch.distributed.all_reduce`),
     so that every process computes the fit of the union of all processes' samples. `matmul`: form the
     distances and the moments by batched matrix products (the faster way on the CPU) or by broadcasts
-    (on a GPU); None = by the device of `x`."""
+    (on a GPU); None = by the device of `x`. `native`: take each step's responsibilities and moments from the
+    fused CPU kernel `blda.native.em_moments` (the same sums); None = wherever it applies: float32 on the CPU,
+    at most 32 components, outside `torch.compile`, the kernels built."""
     reduce = reduce or (lambda t: t)
     matmul = not x.is_cuda if matmul is None else matmul
     x, sw, w, m, v = _prepare(x, sample_weight, *mixture)
     lead, N, K = x.shape[:-1], x.shape[-1], w.shape[-1]
+    applies = K <= NATIVE_MAX_COMPONENTS and native_usable(x)
+    if native and not applies:
+        raise ValueError(f"em_fit(native=True) needs float32 CPU samples and at most {NATIVE_MAX_COMPONENTS} components, "
+                         f"outside torch.compile, and built kernels ({native_kernels().reason})")
+    native = applies if native is None else native
     x, sw = x.reshape(-1, N), sw.reshape(-1, N)                                      # (E, N)
     w, m, v = (t.expand(*lead, K).reshape(-1, K) for t in (w, m, v))                # (E, K)
     # Centred on the starting mixture mean, the moments stay free of cancellation even for logits of size 1e4.
     centre = (w * m).sum(-1, keepdim=True)                                           # (E, 1)
     xc = x - centre
-    integrands = torch.stack([sw, sw * xc, sw * xc.square()], 1)                     # (E, 3, N)
+    if native: sw = sw.contiguous()
+    else: integrands = torch.stack([sw, sw * xc, sw * xc.square()], 1)               # (E, 3, N)
     total = reduce(sw.sum(-1, keepdim=True))                                         # (E, 1)
     has_data = total > 0
     for _ in range(steps):
         v = v.clamp_min(_TINY)
         r = (0.5 / v).sqrt()                                                         # 1 / (σ√2)
-        # (E, K, N): (x − μ_k) / (σ_k√2) = r_k·x − r_k·μ_k, an outer product plus a bias in one call
-        if matmul: u = torch.baddbmm((-r * (m - centre))[..., None], r[..., None], xc[:, None, :])
-        else: u = r[..., None] * (xc[:, None, :] - (m - centre)[..., None])
-        const = (w.clamp_min(_TINY).log() - 0.5 * v.log()).unsqueeze(-1)             # log π_k N(x) + ½log 2π = const − u²
-        resp = torch.softmax(torch.addcmul(const, u, u, value=-1), 1)                # (E, K, N)
-        # (E, K, 3): Σrw, Σrw·x, Σrw·x². The product reads the (E, 3, N) stack through a transposed view:
-        # 3.5× faster on the CPU than a contiguous (E, N, 3) operand (1.19 against 0.34 ms at E = 304, N = 1024).
-        if matmul: moments = torch.bmm(resp, integrands.transpose(1, 2))
-        else: moments = (resp[:, :, None, :] * integrands[:, None]).sum(-1)
+        const = w.clamp_min(_TINY).log() - 0.5 * v.log()                             # log π_k N(x) + ½log 2π = const − u²
+        if native: moments = native_em_moments(xc, sw, r, -r * (m - centre), const)   # (E, K, 3), fused
+        else:
+            # (E, K, N): (x − μ_k) / (σ_k√2) = r_k·x − r_k·μ_k, an outer product plus a bias in one call
+            if matmul: u = torch.baddbmm((-r * (m - centre))[..., None], r[..., None], xc[:, None, :])
+            else: u = r[..., None] * (xc[:, None, :] - (m - centre)[..., None])
+            resp = torch.softmax(torch.addcmul(const.unsqueeze(-1), u, u, value=-1), 1)   # (E, K, N)
+            # (E, K, 3): Σrw, Σrw·x, Σrw·x². The product reads the (E, 3, N) stack through a transposed view:
+            # 3.5× faster on the CPU than a contiguous (E, N, 3) operand (1.19 against 0.34 ms at E = 304, N = 1024).
+            if matmul: moments = torch.bmm(resp, integrands.transpose(1, 2))
+            else: moments = (resp[:, :, None, :] * integrands[:, None]).sum(-1)
         moments = reduce(moments)
         mass = moments[..., 0]
         safe = mass.clamp_min(_TINY)

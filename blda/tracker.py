@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from .gmm import (VAR_FLOOR, Mixture, em_fit, init_from_quantiles, quantile_table, table_quantile, value_counts)
+from .native import MAX_COMPONENTS as NATIVE_MAX_COMPONENTS, kernels as native_kernels, shift as native_shift
 
 # %% auto #0
 __all__ = ['DOMAINS', 'Shift', 'pixel_logits', 'LogitTracker', 'momentum_keep', 'random_ranks', 'grouped_random_order',
@@ -59,7 +60,8 @@ class LogitTracker(nn.Module):
                  chunk_pixels: int | None = None,  # pixels per pass of `shift`; None = 131072 on the CPU, 524288 on a GPU
                  ignore_index: int = 255,
                  compile: bool | None = None,    # fuse EM and the shift with torch.compile; None = on CUDA only
-                 static: bool | None = None):    # one fixed-shape update graph without host synchronisation (see below); None = on a GPU
+                 static: bool | None = None,     # one fixed-shape update graph without host synchronisation (see below); None = on a GPU
+                 native: bool | None = None):    # EM and the shift by the fused CPU kernels of blda.native; None = on the CPU where they built
         super().__init__()
         checks = [(num_classes >= 2, 'num_classes must be at least 2'), (components >= 1, 'components must be at least 1'),
                   (0 <= momentum < 1, 'momentum must lie in [0, 1)'), (em_steps >= 1, 'em_steps must be at least 1'),
@@ -74,6 +76,7 @@ class LogitTracker(nn.Module):
         self.min_pixels, self.warmup, self.clamp, self.anchor_pooling = min_pixels, warmup, clamp, anchor_pooling
         self.samples_per_class, self.max_samples, self.var_floor = samples_per_class, max_samples, var_floor
         self.chunk_pixels, self.ignore_index, self.compile, self.static = chunk_pixels, ignore_index, compile, static
+        self.native = native
         C, K = num_classes, components
         for name, shape in [*((d, (C, C)) for d in DOMAINS), ('anchor', (2,))]:
             self.register_buffer(f'{name}_weights', torch.full((*shape, K), 1.0 / K))
@@ -103,10 +106,20 @@ class LogitTracker(nn.Module):
         static = (t.is_cuda and self._compiles(t) and self.anchor_pooling == 'pixel') if self.static is None else self.static
         return static and not _distributed()
 
+    def uses_native(self, t: Tensor) -> bool:
+        """Whether the fused CPU kernels of `blda.native` run EM and the shift for tensors like `t`: on the CPU,
+        unless `native=False` or the tracker's kernels are compiled, where they built (`native=True` insists)."""
+        if self.native is False or t.device.type != 'cpu' or self._compiles(t) or torch.compiler.is_compiling(): return False
+        if self.components > NATIVE_MAX_COMPONENTS: reason = f"they take at most {NATIVE_MAX_COMPONENTS} components"
+        else: reason = None if native_kernels().library is not None else native_kernels().reason
+        if reason and self.native: raise RuntimeError(f"LogitTracker(native=True): the fused CPU kernels are unavailable: {reason}")
+        return reason is None
+
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, components={self.components}, momentum={self.momentum}, "
                 f"em_steps={self.em_steps}, min_pixels={self.min_pixels}, warmup={self.warmup}, clamp={self.clamp}, "
-                f"anchor_pooling={self.anchor_pooling!r}, samples_per_class={self.samples_per_class!r}, static={self.static}")
+                f"anchor_pooling={self.anchor_pooling!r}, samples_per_class={self.samples_per_class!r}, static={self.static}, "
+                f"native={self.native}")
 
 # %% ../nbs/03_tracker.ipynb #73f4ef55
 def momentum_keep(steps: Tensor, stale: Tensor, fresh: Tensor, momentum: float, warmup: int) -> Tensor:
@@ -133,10 +146,10 @@ def _fit_and_blend(self: LogitTracker, name: str, x: Tensor, sample_weight: Tens
             summed = _all_sum(torch.stack([t * n for t in init]))
             init = Mixture(*(summed / _all_sum(n).clamp_min(1)))
         start = Mixture(*(torch.where(fresh[:, None], i, o) for i, o in zip(init, old)))
-    if _distributed():   # data-parallel EM: sufficient statistics summed across ranks at every step
-        fit = em_fit(x, sample_weight, start, self.em_steps, self.var_floor, reduce=_all_sum)
-    else:
-        fit = (_compiled(em_fit) if self._compiles(x) else em_fit)(x, sample_weight, start, self.em_steps, self.var_floor)
+    if self._compiles(x) and not _distributed(): fit = _compiled(em_fit)(x, sample_weight, start, self.em_steps, self.var_floor)
+    else:   # under torch.distributed, data-parallel EM: sufficient statistics summed across ranks at every step
+        fit = em_fit(x, sample_weight, start, self.em_steps, self.var_floor, reduce=_all_sum if _distributed() else None,
+                     native=self.uses_native(x))
     stale = getattr(self, f'{name}_stale').view(-1).index_select(0, rows)
     keep = momentum_keep(getattr(self, f'{name}_steps'), stale, fresh, self.momentum, self.warmup)[:, None]
     for o, f, t in zip(old, fit, flat):
@@ -326,6 +339,7 @@ class UpdateSettings(NamedTuple):
     max_samples: int
     min_rule: bool      # samples_per_class == 'min'
     clamp: float
+    native: bool = False   # EM by the fused CPU kernels (eager CPU only)
 
 def masked_fit(s: SetState, x: Tensor, sample_weight: Tensor, mask: Tensor, counted: Tensor, h: UpdateSettings) -> SetState:
     """`_fit_and_blend` with fixed shapes: fit every entry on `x`, `sample_weight` `(E, N)`, blend in the
@@ -334,7 +348,7 @@ def masked_fit(s: SetState, x: Tensor, sample_weight: Tensor, mask: Tensor, coun
     fresh = (s.updates == 0) & mask
     init = init_from_quantiles(x, sample_weight, h.components, h.var_floor)
     start = Mixture(*(torch.where(fresh[:, None], i, o) for i, o in zip(init, old)))
-    fit = em_fit(x, sample_weight, start, h.em_steps, h.var_floor)
+    fit = em_fit(x, sample_weight, start, h.em_steps, h.var_floor, native=h.native)
     keep = torch.where(mask, momentum_keep(s.steps, s.stale, fresh, h.momentum, h.warmup), 1.0)[:, None]
     new = [torch.lerp(f.to(o.dtype), o, keep) for f, o in zip(fit, old)]
     stale = torch.where(counted, torch.where(mask, 1.0, s.stale + 1), s.stale)
@@ -375,7 +389,7 @@ def _set_state(self: LogitTracker, name: str) -> SetState:
 def _static_update(self: LogitTracker, z: Tensor, y: Tensor, pix_w: Tensor, domain: str) -> None:
     "`update` through `static_update_step` (see above); `z` `(P, C)`, `y`, `pix_w` `(P,)`."
     h = UpdateSettings(self.num_classes, self.components, self.em_steps, self.var_floor, self.momentum, self.warmup,
-                       self.min_pixels, self.max_samples, self.samples_per_class == 'min', self.clamp)
+                       self.min_pixels, self.max_samples, self.samples_per_class == 'min', self.clamp, self.uses_native(z))
     step = _compiled_static() if self._compiles(z) else static_update_step
     grid = self._set_state(domain)                                   # views of the buffers: written back below
     anchor = self._set_state('anchor') if domain == 'source' else None
@@ -395,7 +409,6 @@ def shift(self: LogitTracker, logits: Tensor, labels: Tensor, domain: str | Tens
     _check_domain(domain)
     self._check_inputs(logits, labels, dict(domain=None if isinstance(domain, str) else domain))
     B, C, H, W = logits.shape
-    z = pixel_logits(logits)                                                       # (P, C)
     y = labels.reshape(-1).long()
     valid = (y >= 0) & (y < C)
     yc = torch.where(valid, y, 0)
@@ -408,6 +421,11 @@ def shift(self: LogitTracker, logits: Tensor, labels: Tensor, domain: str | Tens
     coef = nn.functional.pad(torch.stack([inv, -mix[1] * inv, mix[0]]), (0, 0, 0, 0, 0, 1)).permute(3, 0, 1, 2).contiguous()
     est = torch.cat([self.estimated(d) for d in DOMAINS]) & self.estimated('anchor').all()
     defined = torch.cat([est, est.new_zeros(1, C)])                                # (2C + 1, C): where Δ is defined
+    if self.uses_native(logits):   # the same formulas in one fused CPU kernel (blda.native), on the (B, C, H, W) layout
+        coef = nn.functional.pad(torch.stack([inv, -mix[1] * inv, mix[0]], -1), (0, 0, 0, 0, 0, 0, 0, 1))   # (2C + 1, C, K, 3)
+        row_label = torch.arange(2 * C + 1, device=logits.device) % C           # the label of each row (0 for unlabelled)
+        return Shift(*native_shift(logits.detach().float(), grid, row_label, coef, defined, self.anchor_table, self.clamp))
+    z = pixel_logits(logits)                                                       # (P, C)
     chunk = _compiled(_shift_chunk) if self._compiles(z) else _shift_chunk
     step = self.chunk_pixels or (524288 if z.is_cuda else 131072)
     parts = [chunk(z[s:s + step], grid[s:s + step], yc[s:s + step],

@@ -416,15 +416,15 @@ def shift(self: LogitTracker, logits: Tensor, labels: Tensor, domain: str | Tens
     grid = torch.where(valid, yc + C * (DOMAINS.index(domain) if isinstance(domain, str) else domain.reshape(-1).long()), 2 * C)
     mix = [torch.cat([self.mixture(d)[i] for d in DOMAINS]) for i in range(3)]     # (2C, C, K) each
     inv = (2 * mix[2]).clamp_min(1e-30).rsqrt()                                  # 1 / (σ√2)
-    # Φ((z − μ)/σ) = ½(1 + erf(a z + b)): contiguous (2C + 1, C) tables of a, b and π per component (the
-    # last row, all zeros, serves unlabelled pixels), so that each is fetched by one row gather
-    coef = nn.functional.pad(torch.stack([inv, -mix[1] * inv, mix[0]]), (0, 0, 0, 0, 0, 1)).permute(3, 0, 1, 2).contiguous()
+    # Φ((z − μ)/σ) = ½(1 + erf(a z + b)): a, b and π per row, logit and component; the last row, all zeros,
+    # serves unlabelled pixels
+    coef = nn.functional.pad(torch.stack([inv, -mix[1] * inv, mix[0]], -1), (0, 0, 0, 0, 0, 0, 0, 1))   # (2C + 1, C, K, 3)
     est = torch.cat([self.estimated(d) for d in DOMAINS]) & self.estimated('anchor').all()
     defined = torch.cat([est, est.new_zeros(1, C)])                                # (2C + 1, C): where Δ is defined
     if self.uses_native(logits):   # the same formulas in one fused CPU kernel (blda.native), on the (B, C, H, W) layout
-        coef = nn.functional.pad(torch.stack([inv, -mix[1] * inv, mix[0]], -1), (0, 0, 0, 0, 0, 0, 0, 1))   # (2C + 1, C, K, 3)
         row_label = torch.arange(2 * C + 1, device=logits.device) % C           # the label of each row (0 for unlabelled)
         return Shift(*native_shift(logits.detach().float(), grid, row_label, coef, defined, self.anchor_table, self.clamp))
+    coef = coef.permute(2, 3, 0, 1).contiguous()   # (K, 3, 2C + 1, C): each table is fetched by one row gather
     z = pixel_logits(logits)                                                       # (P, C)
     chunk = _compiled(_shift_chunk) if self._compiles(z) else _shift_chunk
     step = self.chunk_pixels or (524288 if z.is_cuda else 131072)

@@ -301,6 +301,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'blda.native.em_moments': ('native.html#em_moments', 'blda/native.py'),
                              'blda.native.kernels': ('native.html#kernels', 'blda/native.py'),
                              'blda.native.shift': ('native.html#shift', 'blda/native.py'),
+                             'blda.native.unavailable': ('native.html#unavailable', 'blda/native.py'),
                              'blda.native.usable': ('native.html#usable', 'blda/native.py')},
             'blda.reproduce': { 'blda.reproduce.Row': ('reproduce.html#row', 'blda/reproduce.py'),
                                 'blda.reproduce.Row.host': ('reproduce.html#row.host', 'blda/reproduce.py'),

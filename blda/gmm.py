@@ -8,7 +8,7 @@ import math
 from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
-from .native import MAX_COMPONENTS as NATIVE_MAX_COMPONENTS, em_moments as native_em_moments, kernels as native_kernels, usable as native_usable
+from .native import em_moments as native_em_moments, unavailable as native_unavailable, usable as native_usable
 
 # %% auto #0
 __all__ = ['VAR_FLOOR', 'Mixture', 'compute_dtype', 'normal_cdf', 'mixture_cdf', 'mixture_logpdf', 'mixture_quantile',
@@ -159,11 +159,9 @@ def em_fit(x: Tensor, sample_weight: Tensor, mixture: Mixture, steps: int = 1, v
     matmul = not x.is_cuda if matmul is None else matmul
     x, sw, w, m, v = _prepare(x, sample_weight, *mixture)
     lead, N, K = x.shape[:-1], x.shape[-1], w.shape[-1]
-    applies = K <= NATIVE_MAX_COMPONENTS and native_usable(x)
-    if native and not applies:
-        raise ValueError(f"em_fit(native=True) needs float32 CPU samples and at most {NATIVE_MAX_COMPONENTS} components, "
-                         f"outside torch.compile, and built kernels ({native_kernels().reason})")
-    native = applies if native is None else native
+    reason = native_unavailable(K, x)
+    if native and reason: raise ValueError(f"em_fit(native=True): the fused CPU kernels cannot run here: {reason}")
+    native = reason is None if native is None else native
     x, sw = x.reshape(-1, N), sw.reshape(-1, N)                                      # (E, N)
     w, m, v = (t.expand(*lead, K).reshape(-1, K) for t in (w, m, v))                # (E, K)
     # Centred on the starting mixture mean, the moments stay free of cancellation even for logits of size 1e4.

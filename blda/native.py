@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['SOURCE', 'MAX_COMPONENTS', 'COMPILE_FLAGS', 'LINK_FLAGS', 'Build', 'cache_dir', 'build_kernels', 'kernels', 'usable',
-           'em_moments', 'NativeShift', 'shift']
+__all__ = ['SOURCE', 'MAX_COMPONENTS', 'COMPILE_FLAGS', 'LINK_FLAGS', 'Build', 'cache_dir', 'build_kernels', 'kernels',
+           'unavailable', 'usable', 'em_moments', 'NativeShift', 'shift']
 
 # %% ../nbs/08_native.ipynb #4601fb8a
 SOURCE = r'''
@@ -204,11 +204,18 @@ def kernels() -> Build:
                       "implementation, which is slower on the CPU. Set BLDA_NATIVE=0 to skip the attempt.", stacklevel=2)
     return build
 
+def unavailable(components: int, *tensors: Tensor) -> str | None:
+    """Why the kernels cannot fit mixtures of `components` components on these tensors, or None if they can:
+    float32 CPU tensors, outside `torch.compile` tracing, at most `MAX_COMPONENTS` components, kernels built."""
+    if torch.compiler.is_compiling(): return 'inside torch.compile'
+    if components > MAX_COMPONENTS: return f"they take at most {MAX_COMPONENTS} components, got {components}"
+    for t in tensors:
+        if t.device.type != 'cpu' or t.dtype != torch.float32: return f"they take float32 CPU tensors, got {t.dtype} on {t.device}"
+    return None if kernels().library is not None else kernels().reason
+
 def usable(*tensors: Tensor) -> bool:
-    "Whether the kernels can take these tensors: all float32 on the CPU, outside `torch.compile` tracing, and built."
-    if torch.compiler.is_compiling(): return False
-    if not all(t.device.type == 'cpu' and t.dtype == torch.float32 for t in tensors): return False
-    return kernels().library is not None
+    "Whether the kernels can take these tensors (see `unavailable`)."
+    return unavailable(0, *tensors) is None
 
 def _library() -> ctypes.CDLL:
     lib = kernels().library

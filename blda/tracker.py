@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from .gmm import (VAR_FLOOR, Mixture, em_fit, init_from_quantiles, quantile_table, table_quantile, value_counts)
-from .native import MAX_COMPONENTS as NATIVE_MAX_COMPONENTS, kernels as native_kernels, shift as native_shift
+from .native import shift as native_shift, unavailable as native_unavailable
 
 # %% auto #0
 __all__ = ['DOMAINS', 'Shift', 'pixel_logits', 'LogitTracker', 'momentum_keep', 'random_ranks', 'grouped_random_order',
@@ -109,9 +109,8 @@ class LogitTracker(nn.Module):
     def uses_native(self, t: Tensor) -> bool:
         """Whether the fused CPU kernels of `blda.native` run EM and the shift for tensors like `t`: on the CPU,
         unless `native=False` or the tracker's kernels are compiled, where they built (`native=True` insists)."""
-        if self.native is False or t.device.type != 'cpu' or self._compiles(t) or torch.compiler.is_compiling(): return False
-        if self.components > NATIVE_MAX_COMPONENTS: reason = f"they take at most {NATIVE_MAX_COMPONENTS} components"
-        else: reason = None if native_kernels().library is not None else native_kernels().reason
+        if self.native is False or t.device.type != 'cpu' or self._compiles(t): return False
+        reason = native_unavailable(self.components)
         if reason and self.native: raise RuntimeError(f"LogitTracker(native=True): the fused CPU kernels are unavailable: {reason}")
         return reason is None
 

@@ -59,6 +59,10 @@ def predict_slide(forward: Callable[[Tensor], Tensor], image: Tensor, crop: Sequ
 def _metrics(cm: Tensor, classes: Sequence[int] | None, names: Sequence[str]) -> dict:
     out = scores(cm, tuple(classes) if classes is not None else None, tuple(names))
     out['bias'] = [float(b) * 100 for b in class_bias(cm)]    # percent, like the other numbers
+    # the share of labelled pixels predicted as each class: 0 marks a class the model never predicts
+    names = names if len(names) == cm.shape[0] else tuple(str(i) for i in range(cm.shape[0]))
+    predicted = cm.sum(0).double() * 100 / max(int(cm.sum()), 1)
+    out['predicted'] = {n: float(predicted[i]) for i, n in enumerate(names) if n in out['IoU']}
     return out
 
 @torch.no_grad()

@@ -18,9 +18,10 @@ from .files import atomic_write_text
 from .train import TrainConfig, TrainResult, json_safe
 
 # %% auto #0
-__all__ = ['REPORT_PARAMETERS', 'experiment_config', 'Example', 'Observer', 'FinalEvaluation', 'final_evaluation', 'run_metrics',
-           'per_class_rows', 'write_csv', 'format_rows', 'plot_per_class', 'plot_bias', 'bias_extremes',
-           'plot_logit_distributions', 'plot_examples', 'experiment_notebook']
+__all__ = ['REPORT_PARAMETERS', 'experiment_config', 'Example', 'Observer', 'FinalEvaluation', 'final_evaluation',
+           'source_validation_set', 'run_metrics', 'never_predicted', 'per_class_rows', 'write_csv', 'format_rows',
+           'plot_per_class', 'plot_bias', 'bias_extremes', 'plot_logit_distributions', 'plot_examples',
+           'experiment_notebook']
 
 # %% ../nbs/40_experiment.ipynb #00ea89e3
 REPORT_PARAMETERS = ('row', 'posthoc_tau', 'threads', 'examples', 'config_overrides')
@@ -85,7 +86,8 @@ class Observer:
 @dataclass
 class FinalEvaluation:
     "What `final_evaluation` returns."
-    metrics: dict                 # evaluate's dict (mIoU, …, IoU, Acc, bias, and posthoc for BLDA runs)
+    metrics: dict                 # evaluate's dict (mIoU, …, IoU, Acc, bias, predicted; posthoc for BLDA runs;
+                                  # source_val, the held-out source split's, on the toy)
     observer: Observer
     dataset: Any                  # the validation set (for the example images)
 
@@ -106,7 +108,21 @@ def final_evaluation(result: TrainResult, posthoc_tau: float | None = 0.2, examp
                        device=device, amp=result.host.step.amp, max_images=max_images or config.eval_max_images,
                        progress=progress, on_image=observer)
     if tau is not None: metrics['posthoc']['tau'] = tau
+    source_val = source_validation_set(config, result.host)
+    if source_val is not None:   # has the model learnt each class where it was taught? (the regime check)
+        metrics['source_val'] = evaluate(state.student, source_val, config.num_classes, config.eval_mode or result.host.eval_mode,
+                                         device=device, amp=result.host.step.amp, max_images=max_images or config.eval_max_images)
     return FinalEvaluation(metrics, observer, val)
+
+def source_validation_set(config: TrainConfig, host):
+    """The toy's held-out source split (`source_val/` beside its source root, GTA5 layout), at the scale the
+    target is evaluated at; None for the real benchmarks (every GTA5 / SYNTHIA image is a training image)."""
+    from blda.data import gta_dataset
+    from blda.train import _scaled_size
+    root = Path(config.source_root).parent/'source_val'
+    if config.data != 'toy' or not (root/'sample_class_stats.json').is_file(): return None
+    scale = _scaled_size(None, host.data_scale, root, 'images/*.png')
+    return gta_dataset(root, scale=scale, crop_size=None, flip_prob=0.0, label_at_full_res=True)
 
 # %% ../nbs/40_experiment.ipynb #4a7dbd4c
 def run_metrics(result: TrainResult, final: FinalEvaluation, row: str = '', seconds: dict | None = None) -> dict:
@@ -117,19 +133,27 @@ def run_metrics(result: TrainResult, final: FinalEvaluation, row: str = '', seco
                           seed=c.seed, iteration=result.iteration, iterations=c.iterations,
                           seconds_per_iter=train_records[-1]['seconds_per_iter'] if train_records else None,
                           criterion_seconds_per_iter=train_records[-1]['criterion_seconds_per_iter'] if train_records else None,
-                          seconds=seconds or {}, config=c.to_dict(), **final.metrics))
+                          seconds=seconds or {}, config=c.to_dict(), **final.metrics,
+                          never_predicted=never_predicted(final.metrics)))
+
+def never_predicted(metrics: dict) -> list[str]:
+    "The classes of an `evaluate` result that the model predicted on no pixel."
+    return [n for n, share in metrics.get('predicted', {}).items() if share == 0]
 
 def per_class_rows(metrics: dict) -> list[dict]:
-    "One dict per class: class, IoU, Acc, Bias (and posthoc_IoU, posthoc_Acc, posthoc_Bias when present)."
+    """One dict per class: class, IoU, Acc, Bias, and when present: the share of pixels predicted as it
+    (`predicted`, %), posthoc_IoU, posthoc_Acc, posthoc_Bias, and the IoU on the held-out source split (`source_IoU`)."""
     names = list(metrics['IoU'])
     all_names = list(CITYSCAPES_CLASSES) if len(metrics['bias']) == len(CITYSCAPES_CLASSES) else names
     bias = dict(zip(all_names, metrics['bias']))
     rows = []
     for n in names:
         r = dict(cls=n, IoU=metrics['IoU'][n], Acc=metrics['Acc'][n], Bias=bias.get(n))
+        if 'predicted' in metrics: r['predicted'] = metrics['predicted'].get(n)
         if 'posthoc' in metrics:
             p = metrics['posthoc']; pb = dict(zip(all_names, p['bias']))
             r |= dict(posthoc_IoU=p['IoU'][n], posthoc_Acc=p['Acc'][n], posthoc_Bias=pb.get(n))
+        if 'source_val' in metrics: r['source_IoU'] = metrics['source_val']['IoU'].get(n)
         rows.append(r)
     return rows
 

@@ -12,10 +12,11 @@ from typing import Any, NamedTuple, Sequence
 from .cli import UserError
 
 # %% auto #0
-__all__ = ['PAPER_KEYS', 'NOTEBOOK_PARAMETERS', 'LAUNCHERS', 'Row', 'TableSpec', 'tables_dir', 'available_tables', 'parse_table',
-           'load_table', 'Run', 'plan_runs', 'run_state', 'RunOutcome', 'notebook_parameters', 'execute_run',
-           'launch_local', 'launch_submitit', 'RowResult', 'aggregate', 'table_records', 'table_markdown', 'plot_table',
-           'write_table', 'ensure_toy', 'add_arguments', 'reproduce', 'run']
+__all__ = ['PAPER_KEYS', 'NOTEBOOK_PARAMETERS', 'LAUNCHERS', 'LOW_IOU', 'LEARNT_IOU', 'TOY_FOLDERS', 'Row', 'TableSpec',
+           'tables_dir', 'available_tables', 'parse_table', 'load_table', 'Run', 'plan_runs', 'run_state', 'RunOutcome',
+           'notebook_parameters', 'execute_run', 'launch_local', 'launch_submitit', 'RowResult', 'aggregate',
+           'table_records', 'table_markdown', 'plot_table', 'regime_summary', 'write_table', 'ensure_toy',
+           'add_arguments', 'reproduce', 'run']
 
 # %% ../nbs/41_reproduce.ipynb #26f8c1da
 PAPER_KEYS = ('mIoU', 'mIoU_std', 'mAcc', 'mAcc_std')
@@ -45,6 +46,8 @@ class TableSpec:
     quick: dict = field(default_factory=dict)
     notes: str = ''
     source: Path | None = None
+    standin: dict = field(default_factory=dict)   # StandinConfig fields of the toy's ImageNet stand-in ({toy_standin})
+    toy: dict = field(default_factory=dict)       # a toy config override (blda.toy.toy_config): the table's own toy
 
     def row(self, name: str) -> Row:
         for r in self.rows:
@@ -72,7 +75,7 @@ def parse_table(spec: dict, source: Path | None = None) -> TableSpec:
     "A `TableSpec` from a parsed YAML mapping; raises `UserError` naming the file and the faulty entry."
     where = str(source or 'table spec')
     if not isinstance(spec, dict): raise UserError(f"{where}: a table spec is a YAML mapping")
-    unknown = sorted(set(spec) - {'name', 'title', 'seeds', 'defaults', 'quick', 'rows', 'notes'})
+    unknown = sorted(set(spec) - {'name', 'title', 'seeds', 'defaults', 'quick', 'rows', 'notes', 'standin', 'toy'})
     if unknown: raise UserError(f"{where}: unknown key(s) {unknown}")
     defaults = spec.get('defaults') or {}
     _check_params(defaults, f"{where}: defaults")
@@ -105,8 +108,18 @@ def parse_table(spec: dict, source: Path | None = None) -> TableSpec:
     seeds = spec.get('seeds', [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise UserError(f"{where}: seeds must be a non-empty list of integers")
+    standin = spec.get('standin') or {}
+    from blda.standin import StandinConfig
+    fields = {f.name for f in dataclasses.fields(StandinConfig)}
+    if not isinstance(standin, dict) or set(standin) - fields:
+        raise UserError(f"{where}: standin must map some of {sorted(fields)} to values")
+    toy = spec.get('toy') or {}
+    try:
+        from blda.toy import toy_config
+        toy_config(override=toy)
+    except (ValueError, TypeError, AttributeError) as e: raise UserError(f"{where}: toy: {e}") from None
     return TableSpec(str(spec.get('name', source.stem if source else 'table')), str(spec.get('title', '')),
-                     tuple(rows), tuple(seeds), dict(spec.get('quick') or {}), str(spec.get('notes', '')), source)
+                     tuple(rows), tuple(seeds), dict(spec.get('quick') or {}), str(spec.get('notes', '')), source, standin, toy)
 
 def load_table(table: str | Path) -> TableSpec:
     "A table spec by name (`toy`, `gta2cs`, `syn2cs`: `tables/NAME.yaml`) or by path."
@@ -282,12 +295,25 @@ class RowResult:
     sd: dict[str, float]                # PAPER_KEYS → standard deviation over seeds (0 for one seed)
     per_class_iou: dict[str, float]     # class → mean IoU over seeds
     errors: list[str] = field(default_factory=list)
+    never_predicted: dict[str, int] = field(default_factory=dict)   # class → seeds whose model never predicted it
+    classes_never_predicted: float = math.nan   # mean over seeds of the number of such classes (NaN: not recorded)
+    classes_below: float = math.nan             # mean over seeds of the number of classes with IoU < LOW_IOU
+    source_iou: dict[str, float] = field(default_factory=dict)      # class → mean IoU on the held-out source split (toy)
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
     v = [x for x in values if x is not None and not math.isnan(x)]
     if not v: return math.nan, math.nan
     m = sum(v) / len(v)
     return m, (math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0)
+
+LOW_IOU = 5.0   # IoU (%) below which a class counts as missed in the regime summary
+LEARNT_IOU = 20.0   # IoU (%) on held-out source images above which a class counts as learnt
+
+def _missed(metrics: dict) -> tuple[list[str] | None, int]:
+    "The classes never predicted (None when the run did not record predictions) and the number below LOW_IOU."
+    from blda.experiment import never_predicted
+    never = never_predicted(metrics) if 'predicted' in metrics else None
+    return never, sum(1 for v in metrics['IoU'].values() if v is not None and v < LOW_IOU)
 
 def aggregate(spec: TableSpec, runs: Sequence[Run]) -> list[RowResult]:
     "One `RowResult` per row of `spec` that has runs in `runs`, in table order."
@@ -312,8 +338,14 @@ def aggregate(spec: TableSpec, runs: Sequence[Run]) -> list[RowResult]:
         stats = {k: _mean_sd([m.get(k) if m.get(k) is not None else math.nan for m in metrics]) for k in PAPER_KEYS}
         classes = list(metrics[0]['IoU']) if metrics else []
         iou = {c: _mean_sd([m['IoU'][c] if m['IoU'][c] is not None else math.nan for m in metrics])[0] for c in classes}
+        missed = [_missed(m) for m in metrics]
+        never = [n for n, _ in missed if n is not None]
+        never_counts = {c: sum(c in n for n in never) for c in classes if any(c in n for n in never)}
+        sources = [m['source_val']['IoU'] for m in metrics if 'source_val' in m]
+        source_iou = {c: _mean_sd([s[c] if s.get(c) is not None else math.nan for s in sources])[0] for c in (sources[0] if sources else ())}
         out.append(RowResult(r, status, [m['seed'] for m in metrics], {k: v[0] for k, v in stats.items()},
-                             {k: v[1] for k, v in stats.items()}, iou, errors))
+                             {k: v[1] for k, v in stats.items()}, iou, errors, never_counts,
+                             _mean_sd([float(len(n)) for n in never])[0], _mean_sd([float(b) for _, b in missed])[0], source_iou))
     return out
 
 def _fmt(v: float | None, digits: int = 1, sign: bool = False) -> str:
@@ -333,24 +365,40 @@ def table_records(results: Sequence[RowResult]) -> list[dict]:
         for k in PAPER_KEYS: rec[f"diff_{k}"] = rec[k] - rec[f"paper_{k}"]
         base = by_name.get(x.row.baseline) if x.row.baseline else None
         for k in PAPER_KEYS: rec[f"gain_{k}"] = (x.mean[k] - base.mean[k]) if base else math.nan
+        rec['classes_never_predicted'], rec['classes_below_5_IoU'] = x.classes_never_predicted, x.classes_below
+        rec['source_min_IoU'] = min(x.source_iou.values()) if x.source_iou else math.nan
         records.append(rec)
     return records
 
 def table_markdown(spec: TableSpec, results: Sequence[RowResult]) -> str:
     "`table.md`: ours (mean ± sd over seeds), the paper's, and the gains of the +BLDA rows."
     lines = [f"# {spec.title or spec.name}", '',
-             '| Method | Arch | seeds | mIoU ↑ | std ↓ | mAcc ↑ | std ↓ | paper mIoU | std | mAcc | std | Δ mIoU vs paper | BLDA gain mIoU / mAcc | status |',
-             '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+             '| Method | Arch | seeds | mIoU ↑ | std ↓ | mAcc ↑ | std ↓ | never predicted | IoU < 5 | paper mIoU | std | mAcc | std | Δ mIoU vs paper | BLDA gain mIoU / mAcc | status |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     shown = {x.row.name for x in results}
     for rec, x in zip(table_records(results), results):
         label = x.row.label if not x.row.baseline or x.row.baseline in shown else f"{spec.row(x.row.baseline).label} {x.row.label}"
         ours = [f"{_fmt(rec[k])} ± {_fmt(rec[k + '_seed_sd'])}" if len(x.seeds) > 1 else _fmt(rec[k]) for k in PAPER_KEYS]
         paper = [_fmt(rec[f"paper_{k}"]) for k in PAPER_KEYS]
         gain = f"{_fmt(rec['gain_mIoU'], sign=True)} / {_fmt(rec['gain_mAcc'], sign=True)}" if x.row.baseline else ''
-        lines.append(f"| {label} | {rec['arch']} | {len(x.seeds)} | " + ' | '.join(ours) + ' | ' + ' | '.join(paper)
+        missed = f"{_fmt(x.classes_never_predicted)} | {_fmt(x.classes_below)}"
+        lines.append(f"| {label} | {rec['arch']} | {len(x.seeds)} | " + ' | '.join(ours) + f" | {missed} | " + ' | '.join(paper)
                      + f" | {_fmt(rec['diff_mIoU'], sign=True)} | {gain} | {x.status} |")
     lines += ['', 'std: the standard deviation of the per-class IoU (Acc) across classes, as in the paper; '
-              '± : the standard deviation over seeds. Δ and gains are in mIoU (mAcc) points.']
+              '± : the standard deviation over seeds. Δ and gains are in mIoU (mAcc) points. '
+              f'never predicted, IoU < {LOW_IOU:g}: the number of classes (mean over seeds) that the model predicts '
+              f'on no target pixel, and whose target IoU is below {LOW_IOU:g} %.']
+    never = [f"{x.row.label if not x.row.baseline else spec.row(x.row.baseline).label + ' ' + x.row.label}: "
+             + ', '.join(f"{c}" + (f" ({n}/{len(x.seeds)} seeds)" if n < len(x.seeds) else '') for c, n in x.never_predicted.items())
+             for x in results if x.never_predicted]
+    if never: lines += ['', 'Classes never predicted on the target: ' + '; '.join(never) + '.']
+    held_out = [x for x in results if x.source_iou]
+    if held_out:   # the toy's regime check: is every class learnt where it was taught?
+        lines += ['', f'Held-out source images (the toy\'s `source_val`, never trained on): lowest class IoU, and the classes '
+                  f'below {LEARNT_IOU:g} IoU (mean over seeds).', '', '| Method | lowest class IoU | classes below |', '|---|---|---|']
+        lines += [f"| {x.row.label if not x.row.baseline else spec.row(x.row.baseline).label + ' ' + x.row.label} | "
+                  f"{_fmt(min(x.source_iou.values()))} | {', '.join(c for c, v in x.source_iou.items() if v < LEARNT_IOU) or '–'} |"
+                  for x in held_out]
     failed = [(x.row.name, e) for x in results for e in x.errors]
     if failed: lines += ['', '## Failed runs', ''] + [f"- {n} {e}" for n, e in failed]
     if spec.notes: lines += ['', spec.notes.strip()]
@@ -370,10 +418,25 @@ def plot_table(results: Sequence[RowResult]):
         ax.bar(xs - 0.2, [base.per_class_iou[n] for n in names], 0.4, label=f"{base.row.label} ({_fmt(base.mean['mIoU'])})")
         ax.bar(xs + 0.2, [ours.per_class_iou.get(n, np.nan) for n in names], 0.4,
                label=f"{base.row.label} {ours.row.label} ({_fmt(ours.mean['mIoU'])})")
+        for x, offset in ((base, -0.2), (ours, 0.2)):   # a cross at the foot of a class the row never predicts
+            never = [j for j, n in enumerate(names) if n in x.never_predicted]
+            if never: ax.plot(xs[never] + offset, np.zeros(len(never)), 'x', color='crimson', ms=6, mew=1.5,
+                              label='never predicted' if offset < 0 or not any(n in base.never_predicted for n in names) else None)
         ax.set_xticks(xs, names, rotation=60, fontsize=8); ax.set_ylabel('IoU (%)'); ax.legend(fontsize=8)
         ax.set_title(f"{base.row.label} ({base.row.params.get('arch', 'T')}): per-class IoU, mean over seeds", fontsize=10)
     fig.tight_layout()
     return fig
+
+def regime_summary(spec: TableSpec, results: Sequence[RowResult]) -> str:
+    """One line: per row, the classes never predicted and those below `LOW_IOU` on the target (means over
+    seeds), and the lowest per-class IoU on the held-out source split where it was measured (the toy)."""
+    def label(x: RowResult) -> str:
+        return x.row.label if not x.row.baseline else f"{spec.row(x.row.baseline).label} {x.row.label}"
+    rows = [f"{label(x)} {_fmt(x.classes_never_predicted)}/{_fmt(x.classes_below)}" for x in results if x.seeds]
+    text = f"regime: classes never predicted / below {LOW_IOU:g} IoU on the target per row: " + ', '.join(rows)
+    sources = [(min(x.source_iou.values()), label(x)) for x in results if x.source_iou]
+    if sources: text += "; lowest class IoU on held-out source images: " + ', '.join(f"{lab} {_fmt(v)}" for v, lab in sources)
+    return text
 
 def write_table(spec: TableSpec, results: Sequence[RowResult], out: Path) -> str:
     "Write `table.md`, `table.csv` and `table.png` into `out`; returns the Markdown."
@@ -391,18 +454,21 @@ def write_table(spec: TableSpec, results: Sequence[RowResult], out: Path) -> str
     return text
 
 # %% ../nbs/41_reproduce.ipynb #d2e2e991
+TOY_FOLDERS = (('source', 'gta'), ('source_val', 'gta'), ('target', 'cityscapes'))   # folder, its converter
+
 def ensure_toy(root: Path, size: str = 'default', progress: bool = True, override: dict | None = None) -> bool:
-    """Generate and prepare the toy benchmark in `root` unless it is there; True if it was made.
-    `size` and `override`: as in `blda.toy.toy_config`."""
-    root = Path(root)
-    ready = all((root/d/'sample_class_stats.json').is_file() for d in ('source', 'target'))
-    if ready: return False
+    """Generate and prepare the toy benchmark in `root` unless it is there; True if anything was made.
+    `size` and `override`: as in `blda.toy.toy_config`. A folder holding a toy made with another config (an
+    older blda's, say) is a `UserError`: its runs would not be the ones the table describes."""
     from blda.convert import prepare
     from blda.toy import make_toy, toy_config
-    print(f"generating the toy benchmark in {root}", flush=True)
-    make_toy(root, toy_config(size, override), seed=0, nproc=min(4, os.cpu_count() or 1), progress=progress)
-    prepare('gta', root/'source', progress=False); prepare('cityscapes', root/'target', progress=False)
-    return True
+    root = Path(root)
+    try: made = make_toy(root, toy_config(size, override), seed=0, nproc=min(4, os.cpu_count() or 1), progress=progress)
+    except FileExistsError as e: raise UserError(f"{e} (blda reproduce uses the default toy)") from None
+    todo = [(d, kind) for d, kind in TOY_FOLDERS if not (root/d/'sample_class_stats.json').is_file()]
+    for d, kind in todo: prepare(kind, root/d, progress=False)
+    if made['generated']: print(f"generated the toy benchmark in {root} ({made['seconds']:.0f} s)", flush=True)
+    return bool(made['generated'] or todo)
 
 # %% ../nbs/41_reproduce.ipynb #1ba9c659
 def _parse_set(items: Sequence[str]) -> dict:
@@ -449,10 +515,21 @@ def reproduce(table: str | Path = 'toy', out: Path | str | None = None, rows: Se
     except (OSError, ValueError) as e: raise UserError(str(e)) from None
     out = Path(out) if out else settings.results/(spec.name + ('-quick' if quick else ''))
     runs = plan_runs(spec, out, rows, seeds, quick, overrides, all_rows)
-    pretrained = str(settings.pretrained or 'pretrained')
-    runs = [r._replace(params={k: v.replace('{pretrained}', pretrained) if isinstance(v, str) else v
-                               for k, v in {**r.params, **({'device': device} if device != 'auto' else {})}.items()})
+    from blda.standin import StandinConfig, ensure_standin, standin_path
+    standin = StandinConfig(**spec.standin)
+    placeholders = {'{pretrained}': str(settings.pretrained or 'pretrained'),
+                    '{toy_standin}': str(standin_path(settings.toy, standin))}   # built below if a run needs it
+    def fill(value):
+        if not isinstance(value, str): return value
+        for key, path in placeholders.items(): value = value.replace(key, path)
+        return value
+    runs = [r._replace(params={k: fill(v) for k, v in {**r.params, **({'device': device} if device != 'auto' else {})}.items()})
             for r in runs]
+    toy_root = settings.toy if not spec.toy else settings.toy.with_name(f"{settings.toy.name}-{spec.name}")
+    if spec.toy:   # the table's own toy: its runs are pointed at it (the notebook would read settings.ini's)
+        roots = {'source_root': str(toy_root.resolve()/'source'), 'target_root': str(toy_root.resolve()/'target')}
+        runs = [r._replace(params={**r.params, **{k: v for k, v in roots.items() if not r.params.get(k)}})
+                if r.params.get('data') == 'toy' else r for r in runs]
     todo = [r for r in runs if run_state(r) in ('pending', 'failed')]
     skipped = sum(run_state(r) == 'done' for r in runs)
     missing = sorted({r.row for r in runs if not r.implemented})
@@ -461,7 +538,10 @@ def reproduce(table: str | Path = 'toy', out: Path | str | None = None, rows: Se
         + (f"; not implemented: {', '.join(missing)}" if missing else ''))
     if execute and todo:
         toy_roots = {r.params.get('source_root') for r in todo if r.params.get('data') == 'toy'}
-        if any(not root for root in toy_roots): ensure_toy(settings.toy)
+        if spec.toy: ensure_toy(toy_root, override=spec.toy)
+        elif any(not root for root in toy_roots): ensure_toy(settings.toy)
+        if any(r.params.get('encoder_weights') == placeholders['{toy_standin}'] for r in todo):
+            ensure_standin(settings.toy, standin, log=log)
         t0 = time.time()
         done = [0]
         def on_done(o: RunOutcome) -> None:
@@ -487,5 +567,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(write_table(spec, results, out))
     print(f"written: {out/'table.md'}, {out/'table.csv'}" + (f", {out/'table.png'}" if (out/'table.png').exists() else ''))
+    if any(x.seeds for x in results): print(regime_summary(spec, results))
     failed = [x for x in results if x.status in ('failed', 'partial')]
     return 1 if failed else 0

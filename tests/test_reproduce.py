@@ -40,12 +40,16 @@ def test_toy_quick_table_then_resume(toy, tmp_path):
         assert m['row'] == row and m['iteration'] == 3 and m['config']['crop_size'] == [32, 32]
         assert {'mIoU', 'mIoU_std', 'mAcc', 'mAcc_std', 'IoU', 'Acc', 'bias'} <= set(m) and len(m['bias']) == 19
         assert ('posthoc' in m) == row.endswith('-blda')          # BLDA runs are also scored post hoc
+        assert set(m['source_val']['IoU']) == set(m['IoU']) and isinstance(m['never_predicted'], list)   # the regime check
+        assert abs(sum(m['predicted'].values()) - 100) < 1e-6
         assert 0 < m['criterion_seconds_per_iter'] < m['seconds_per_iter']   # the criterion's time, logged by the loop
         nb = json.loads((folder/'experiment.ipynb').read_text())
         assert any('parameters' in c['metadata'].get('tags', []) for c in nb['cells'])     # papermill's copy
         assert any('injected-parameters' in c['metadata'].get('tags', []) for c in nb['cells'])
         assert any(o.get('output_type') == 'display_data' for c in nb['cells'] for o in c.get('outputs', []))
         assert {'per_class.csv', 'per_class.png', 'bias.png', 'logits.png', 'examples.png', 'checkpoint.pt'} <= {f.name for f in folder.iterdir()}
+    assert 'Held-out source images' in table and 'never predicted' in table
+    assert 'regime: classes never predicted / below 5 IoU on the target per row: Source only ' in p.stdout
     csv = (out/'table.csv').read_text().splitlines()
     assert len(csv) == 7 and csv[0].startswith('row,label,host,arch,blda,score,status,seeds,mIoU,')
     assert (out/'table.png').stat().st_size > 0

@@ -16,7 +16,7 @@ def test_tiny_deterministic_and_seed_dependent(tmp_path):
     for name, seed in (('a', 0), ('b', 0), ('c', 1)):
         assert main(['toy', str(tmp_path/name), '--size', 'tiny', '--seed', str(seed)]) == 0
     a, b, c = (files_of(tmp_path/n) for n in 'abc')
-    assert a == b and len(a) == 2 * (6 + 4 + 2)
+    assert a == b and len(a) == 2 * (6 + 2 + 4 + 2)   # source, source_val, target train and val
     assert a.keys() == c.keys() and all(a[k] != c[k] for k in a)
 
 def test_layout_and_label_ids(tmp_path):
@@ -24,6 +24,10 @@ def test_layout_and_label_ids(tmp_path):
     make_toy(tmp_path, config, progress=False)
     assert sorted(p.name for p in (tmp_path/'source'/'images').iterdir()) == [f'{i:05d}.png' for i in range(1, 7)]
     assert sorted(p.name for p in (tmp_path/'source'/'labels').iterdir()) == [f'{i:05d}.png' for i in range(1, 7)]
+    for folder in ('images', 'labels'):   # the held-out source split, same layout
+        assert sorted(p.name for p in (tmp_path/'source_val'/folder).iterdir()) == ['00001.png', '00002.png']
+    held_out = Image.open(tmp_path/'source_val'/'images'/'00001.png')
+    assert all(np.asarray(held_out).tobytes() != np.asarray(Image.open(p)).tobytes() for p in (tmp_path/'source'/'images').iterdir())
     for split, cities, n in (('train', {'toyburg', 'simville'}, 4), ('val', {'valtown'}, 2)):
         images = sorted((tmp_path/'target'/'leftImg8bit'/split).glob('*/*_leftImg8bit.png'))
         labels = sorted((tmp_path/'target'/'gtFine'/split).glob('*/*_gtFine_labelIds.png'))
@@ -39,7 +43,7 @@ def test_layout_and_label_ids(tmp_path):
 
 def test_rerun_skips_and_resumes(tmp_path):
     config = toy_config('tiny')
-    assert make_toy(tmp_path, config, progress=False)['generated'] == 12
+    assert make_toy(tmp_path, config, progress=False)['generated'] == 14
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob('*.png')}
     assert make_toy(tmp_path, config, progress=False)['generated'] == 0
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob('*.png')} == before
@@ -120,5 +124,6 @@ def test_long_tail_and_label_shift():
 @pytest.mark.slow
 def test_default_size_within_budget(tmp_path):
     start = time.perf_counter()
-    summary = make_toy(tmp_path, toy_config('default'), nproc=2, progress=False)
-    assert summary['generated'] == 750 and time.perf_counter() - start < 60
+    config = toy_config('default')
+    summary = make_toy(tmp_path, config, nproc=2, progress=False)
+    assert summary['generated'] == sum(config['counts'].values()) and time.perf_counter() - start < 60

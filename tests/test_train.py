@@ -138,7 +138,7 @@ def test_evaluate_metrics_posthoc_and_slide(toy):
     model = build_model('T', 19, 'mit_b0')
     val = cityscapes_dataset(toy/'target', 'val', scale=None, crop_size=None, flip_prob=0, label_at_full_res=True)
     res = evaluate(model, val)
-    assert set(res) == {'mIoU', 'mIoU_std', 'mAcc', 'mAcc_std', 'IoU', 'Acc', 'bias', 'images'}
+    assert set(res) == {'mIoU', 'mIoU_std', 'mAcc', 'mAcc_std', 'IoU', 'Acc', 'bias', 'predicted', 'images'}
     assert res['images'] == len(val) and len(res['bias']) == 19 and abs(sum(res['bias'])) < 1e-6
     assert model.training                                                 # restored after evaluation
     tracker = LogitTracker(19, min_pixels=5)

@@ -55,7 +55,7 @@ class TrainConfig:
     host: str = 'daformer'                  # one of HOSTS: source_only, dacs, daformer, mic, hrda, cdac
     blda: bool = False                      # BLDA's criterion (and cumulative-density head) on top of the host
     arch: str = 'T'                         # 'T' (DAFormer head) or 'C' (DeepLabV2)
-    encoder: str | None = None              # None: mit_b5 for T, resnet101 for C
+    encoder: str | None = None              # None: mit_b5 for T, tu-resnet101c (ResNet-101 V1c) for C
     encoder_weights: str | None = None      # local state-dict path; None: random initialisation
     embed_dim: int = 256                    # width of the DAFormer head (T); the toy table uses 64 to fit a CPU
     num_classes: int = 19

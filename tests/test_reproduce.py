@@ -102,7 +102,7 @@ def test_gta2cs_spec_lists_the_poster_table(tmp_path, monkeypatch):
     from blda.reproduce import reproduce as run_table
     spec, runs, results, out = run_table('gta2cs', execute=False, log=lambda *a: None)
     assert len(runs) == 36 and out == tmp_path/'gta2cs'
-    assert {r.params['encoder_weights'] for r in runs} == {'/weights/resnet101.pth', '/weights/mit_b5.pth'}
+    assert {r.params['encoder_weights'] for r in runs} == {'/weights/resnet101_v1c.pth', '/weights/mit_b5.pth'}
     papers = {x.row.name: x.row.paper['mIoU'] for x in results}
     assert papers['daformer-T'] == 68.3 and papers['mic-T-blda'] == 77.1
     assert all(x.status in ('pending', 'not implemented') for x in results)

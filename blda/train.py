@@ -233,7 +233,8 @@ def build_datasets(config: TrainConfig, host: Host, margins: tuple | None) -> Da
                                 'RGB/*.png' if preset.source == 'synthia' else 'images/*.png')
     source = make_source(src_root, scale=source_scale, crop_size=crop)
     target_scale = _scaled_size(preset.target_scale, host.data_scale, tgt_root, 'leftImg8bit/train/*/*_leftImg8bit.png')
-    target = cityscapes_dataset(tgt_root, 'train', scale=target_scale, crop_size=crop, pseudo_margins=margins)
+    target = cityscapes_dataset(tgt_root, 'train', scale=target_scale, crop_size=crop, pseudo_margins=margins,
+                                with_labels=False)   # unsupervised: the target's crops are drawn without its labels
     rcs = None
     if host.rare_class_sampling:
         rcs_cfg = preset.rcs if config.rcs_min_pixels is None else dataclasses.replace(preset.rcs, min_pixels=config.rcs_min_pixels)

@@ -70,6 +70,22 @@ def test_deeplab_c_daformer_blda(toy, tmp_path):
     assert res.iteration == 6 and all(math.isfinite(v) for r in res.log if r['kind'] == 'train'
                                       for k, v in r.items() if k.endswith(('_ce', '_cdf', 'fd')))
 
+def test_trains_without_target_train_labels(toy, tmp_path):
+    "Unsupervised: a copy of the toy whose target train labels were deleted trains; only the val labels are read."
+    import shutil
+    copy = tmp_path/'toy'
+    shutil.copytree(toy, copy)
+    labels = list((copy/'target'/'gtFine'/'train').rglob('*'))
+    assert any(p.name.endswith('_labelTrainIds.png') for p in labels)
+    shutil.rmtree(copy/'target'/'gtFine'/'train')
+    cfg = config(copy, tmp_path/'run', host='daformer', blda=True, iterations=3, eval_interval=3)
+    from blda.train import build_datasets
+    host, margins = resolve_host(cfg)
+    pair = build_datasets(cfg, host, margins).train[0]
+    assert 'gt' in pair['source'] and 'gt' not in pair['target']
+    res = train_quietly(cfg)
+    assert res.iteration == 3 and res.final_eval is not None
+
 # ------------------------------------------------------------------------------------------ exact resume
 def test_resume_is_bit_exact(toy, tmp_path):
     "Stopped at 3 of 6 iterations and resumed: the same weights, tracker, optimiser, RNG and metrics as one run."

@@ -109,15 +109,24 @@ def final_evaluation(result: TrainResult, posthoc_tau: float | None = 0.2, examp
     return FinalEvaluation(metrics, observer, val)
 
 # %% ../nbs/40_experiment.ipynb #4a7dbd4c
-def run_metrics(result: TrainResult, final: FinalEvaluation, row: str = '', seconds: dict | None = None) -> dict:
-    "The content of a run's `metrics.json`."
+def run_metrics(result: TrainResult, final: FinalEvaluation, row: str = '', seconds: dict | None = None,
+                started: str | None = None) -> dict:
+    """The content of a run's `metrics.json`. Its `provenance` (`blda.provenance`) has `started` (default: now
+    minus the `seconds` this session spent) and `finished` (now)."""
+    from blda.provenance import now, provenance
+    import datetime
+    if started is None:
+        t = datetime.datetime.fromisoformat(now()) - datetime.timedelta(seconds=sum((seconds or {}).values()))
+        started = t.isoformat(timespec='seconds')
     c = result.config
     train_records = [r for r in result.log if r['kind'] == 'train']
     return json_safe(dict(row=row, data=c.data, host=c.host, blda=c.blda, arch=c.arch, encoder=c.encoder,
                           seed=c.seed, iteration=result.iteration, iterations=c.iterations,
                           seconds_per_iter=train_records[-1]['seconds_per_iter'] if train_records else None,
                           criterion_seconds_per_iter=train_records[-1]['criterion_seconds_per_iter'] if train_records else None,
-                          seconds=seconds or {}, config=c.to_dict(), **final.metrics))
+                          seconds=seconds or {}, config=c.to_dict(), **final.metrics,
+                          provenance=provenance(next(result.state.student.parameters()).device,
+                                                'bf16' if result.host.step.amp else 'fp32', started, now())))
 
 def per_class_rows(metrics: dict) -> list[dict]:
     "One dict per class: class, IoU, Acc, Bias (and posthoc_IoU, posthoc_Acc, posthoc_Bias when present)."

@@ -54,11 +54,14 @@ def evaluate_run(run: Path | str, posthoc_tau: float | None = None, target_root:
     preset = DATA_PRESETS[config.data]
     val = validation_set(config, host, target_root)
     mode = mode or config.eval_mode or host.eval_mode
+    from blda.provenance import now, provenance
+    started = now()
     metrics = evaluate(model.to(dev), val, config.num_classes, mode, tracker=tracker, posthoc_tau=posthoc_tau,
                        classes=preset.eval_classes, device=dev, amp=config.precision == 'bf16' and dev.type == 'cuda',
                        max_images=max_images, progress=progress)
     head = dict(checkpoint=str(path), iteration=ckpt['iteration'], weights=weights, mode=mode, posthoc_tau=posthoc_tau)
-    return RunEvaluation(json_safe(head | metrics), config, path)
+    where = dict(provenance=provenance(dev, 'bf16' if host.step.amp else 'fp32', started, now()))   # this evaluation's
+    return RunEvaluation(json_safe(head | metrics | where), config, path)
 
 def write_json(path: Path | str, obj) -> None:
     "`obj` as indented JSON, written atomically (`blda.files.atomic_write`); creates the folder."

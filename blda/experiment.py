@@ -125,8 +125,15 @@ def source_validation_set(config: TrainConfig, host):
     return gta_dataset(root, scale=scale, crop_size=None, flip_prob=0.0, label_at_full_res=True)
 
 # %% ../nbs/40_experiment.ipynb #4a7dbd4c
-def run_metrics(result: TrainResult, final: FinalEvaluation, row: str = '', seconds: dict | None = None) -> dict:
-    "The content of a run's `metrics.json`."
+def run_metrics(result: TrainResult, final: FinalEvaluation, row: str = '', seconds: dict | None = None,
+                started: str | None = None) -> dict:
+    """The content of a run's `metrics.json`. Its `provenance` (`blda.provenance`) has `started` (default: now
+    minus the `seconds` this session spent) and `finished` (now)."""
+    from blda.provenance import now, provenance
+    import datetime
+    if started is None:
+        t = datetime.datetime.fromisoformat(now()) - datetime.timedelta(seconds=sum((seconds or {}).values()))
+        started = t.isoformat(timespec='seconds')
     c = result.config
     train_records = [r for r in result.log if r['kind'] == 'train']
     return json_safe(dict(row=row, data=c.data, host=c.host, blda=c.blda, arch=c.arch, encoder=c.encoder,
@@ -134,7 +141,9 @@ def run_metrics(result: TrainResult, final: FinalEvaluation, row: str = '', seco
                           seconds_per_iter=train_records[-1]['seconds_per_iter'] if train_records else None,
                           criterion_seconds_per_iter=train_records[-1]['criterion_seconds_per_iter'] if train_records else None,
                           seconds=seconds or {}, config=c.to_dict(), **final.metrics,
-                          never_predicted=never_predicted(final.metrics)))
+                          never_predicted=never_predicted(final.metrics),
+                          provenance=provenance(next(result.state.student.parameters()).device,
+                                                'bf16' if result.host.step.amp else 'fp32', started, now())))
 
 def never_predicted(metrics: dict) -> list[str]:
     "The classes of an `evaluate` result that the model predicted on no pixel."

@@ -13,9 +13,10 @@ import segmentation_models_pytorch as smp
 from .files import first_sentence
 
 # %% auto #0
-__all__ = ['CLASSIFIER_PREFIXES', 'ARCH_ALIASES', 'DEFAULT_ENCODERS', 'REFERENCE_CUSTOM_KEYS', 'HeadOutput', 'SegOutput',
-           'DLV2Head', 'conv_bn_relu', 'separable_conv', 'SeparableASPP', 'DAFormerHead', 'Segmentor',
-           'EncoderWeightsError', 'load_encoder_weights', 'encoder_known', 'build_model', 'param_groups']
+__all__ = ['CLASSIFIER_PREFIXES', 'MMCV_RESNET_STEM', 'ARCH_ALIASES', 'DEFAULT_ENCODERS', 'REFERENCE_CUSTOM_KEYS', 'HeadOutput',
+           'SegOutput', 'DLV2Head', 'conv_bn_relu', 'separable_conv', 'SeparableASPP', 'DAFormerHead', 'Segmentor',
+           'mmcv_resnet_to_timm', 'EncoderWeightsError', 'load_encoder_weights', 'encoder_known', 'build_model',
+           'param_groups']
 
 # %% ../nbs/20_models.ipynb #501564b5
 class HeadOutput(NamedTuple):
@@ -132,6 +133,25 @@ def _unwrap_state_dict(checkpoint: dict) -> dict[str, Tensor]:
         if state and all(k.startswith(prefix) for k in state): state = {k[len(prefix):]: v for k, v in state.items()}
     return {k: v for k, v in state.items() if not k.startswith(CLASSIFIER_PREFIXES)}
 
+# mmcv's ResNetV1c deep stem (conv, BN, ReLU ×3 in one Sequential `stem`) → timm's resnet*c (`conv1` Sequential + `bn1`)
+MMCV_RESNET_STEM = {'stem.0.': 'conv1.0.', 'stem.1.': 'conv1.1.', 'stem.3.': 'conv1.3.', 'stem.4.': 'conv1.4.',
+                    'stem.6.': 'conv1.6.', 'stem.7.': 'bn1.'}
+
+def mmcv_resnet_to_timm(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    "An mmcv/mmseg ResNet state dict (`stem.*`, `layerK.N.*`) in timm's names; only the stem's names differ."
+    def rename(k: str) -> str:
+        return next((new + k[len(old):] for old, new in MMCV_RESNET_STEM.items() if k.startswith(old)), k)
+    return {rename(k): v for k, v in state.items()}
+
+def _layout_hint(state: dict[str, Tensor], own: dict[str, Tensor]) -> str:
+    "Why a ResNet file does not fit: a 7×7 (torchvision) stem for a deep-stem encoder, or the other way round."
+    file_deep = any(k.endswith('conv1.0.weight') and 'layer' not in k for k in state)
+    own_deep = any(k.endswith('conv1.0.weight') and 'layer' not in k for k in own)
+    file_7x7 = any(k.endswith('conv1.weight') and 'layer' not in k and v.ndim == 4 and v.shape[-1] == 7 for k, v in state.items())
+    if own_deep and file_7x7: return "; it holds a 7×7 stem (torchvision's ResNet layout): use it with encoder resnet101, or give the ResNet-101 V1c file"
+    if file_deep and not own_deep: return "; it holds a deep 3×3 stem (ResNet V1c): use it with encoder tu-resnet101c (the C default)"
+    return ''
+
 class EncoderWeightsError(ValueError):
     "Encoder weights that cannot be read, or that do not fit the encoder; the message names the file."
 
@@ -144,7 +164,11 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
         raise EncoderWeightsError(f"encoder_weights {path} cannot be read as tensors ({first_sentence(e)})") from e
     if not isinstance(checkpoint, dict): raise EncoderWeightsError(f"encoder_weights {path} holds a {type(checkpoint).__name__}, not a state dict")
     state = _unwrap_state_dict(checkpoint)
+    if any(k.startswith('stem.') for k in state): state = mmcv_resnet_to_timm(state)   # mmcv/mmseg ResNet V1c
     own = encoder.state_dict()
+    if own and all(k.startswith('model.') for k in own) and not any(k.startswith('model.') for k in state):
+        state = {'model.' + k: v for k, v in state.items()}   # smp's `tu-` encoders hold the timm model as `model`
+    state |= {k: v for k, v in own.items() if k.endswith('num_batches_tracked') and k not in state}   # older files lack them
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
@@ -153,12 +177,12 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
         def first(items): return ', '.join(items[:5]) + (' …' if len(items) > 5 else '')
         raise EncoderWeightsError(f"encoder_weights {path} do not fit the encoder: {len(missing)} missing ({first(missing)}), "
                          f"{len(unexpected)} unexpected ({first(unexpected)}), {len(wrong_shape)} of the wrong shape "
-                         f"({first(wrong_shape)})")
+                         f"({first(wrong_shape)})" + _layout_hint(state, own))
     encoder.load_state_dict(state)
 
 # %% ../nbs/20_models.ipynb #a53d1c45
 ARCH_ALIASES = {'c': 'C', 'deeplabv2': 'C', 'dlv2': 'C', 't': 'T', 'daformer': 'T'}
-DEFAULT_ENCODERS = {'C': 'resnet101', 'T': 'mit_b5'}
+DEFAULT_ENCODERS = {'C': 'tu-resnet101c', 'T': 'mit_b5'}   # the official code's ResNet-101 V1c and MiT-B5
 
 def encoder_known(name: str) -> bool:
     "Whether `name` is an smp encoder (or a timm one, `tu-…`): a check that builds nothing."

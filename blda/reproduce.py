@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 from .cli import UserError
+from .provenance import provenance_columns, provenance_summary
 
 # %% auto #0
 __all__ = ['PAPER_KEYS', 'NOTEBOOK_PARAMETERS', 'LAUNCHERS', 'LOW_IOU', 'LEARNT_IOU', 'TOY_FOLDERS', 'Row', 'TableSpec',
            'tables_dir', 'available_tables', 'parse_table', 'load_table', 'Run', 'plan_runs', 'run_state', 'RunOutcome',
            'notebook_parameters', 'execute_run', 'launch_local', 'launch_submitit', 'RowResult', 'aggregate',
            'table_records', 'table_markdown', 'plot_table', 'regime_summary', 'write_table', 'ensure_toy',
-           'add_arguments', 'reproduce', 'run']
+           'absolute_roots', 'add_arguments', 'reproduce', 'run']
 
 # %% ../nbs/41_reproduce.ipynb #26f8c1da
 PAPER_KEYS = ('mIoU', 'mIoU_std', 'mAcc', 'mAcc_std')
@@ -223,7 +224,13 @@ def execute_run(run: Run, notebook: Path | str | None = None, device: str | None
     if device is not None: params['device'] = device
     if threads: params['threads'] = threads
     t0 = time.time()
-    _write_status(run.folder, state='running', started=t0, host=os.uname().nodename, params=params)
+    from blda.provenance import now, provenance, run_precision
+    from blda.train import TrainConfig
+    dev = params.get('device', 'auto')
+    precision = run_precision({**params, **params.get('config_overrides', {})}.get('precision', TrainConfig.precision), dev)
+    started = now()
+    _write_status(run.folder, state='running', started=t0, host=os.uname().nodename, params=params,
+                  provenance=provenance(dev, precision, started))
     error = ''
     try:
         pm.execute_notebook(str(notebook), str(run.folder/'experiment.ipynb'),
@@ -236,7 +243,8 @@ def execute_run(run: Run, notebook: Path | str | None = None, device: str | None
         error = f"{type(e).__name__}: {e}"
     seconds = time.time() - t0
     state = 'failed' if error else 'done'
-    _write_status(run.folder, state=state, seconds=seconds, error=error, params=params)
+    _write_status(run.folder, state=state, seconds=seconds, error=error, params=params,
+                  provenance=provenance(dev, precision, started, now()))
     return RunOutcome(run.row, run.seed, state, seconds, error)
 
 # %% ../nbs/41_reproduce.ipynb #ed142236
@@ -299,6 +307,7 @@ class RowResult:
     classes_never_predicted: float = math.nan   # mean over seeds of the number of such classes (NaN: not recorded)
     classes_below: float = math.nan             # mean over seeds of the number of classes with IoU < LOW_IOU
     source_iou: dict[str, float] = field(default_factory=dict)      # class → mean IoU on the held-out source split (toy)
+    provenance: list[dict] = field(default_factory=list)   # the finished runs' metrics.json provenance
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
     v = [x for x in values if x is not None and not math.isnan(x)]
@@ -323,6 +332,7 @@ def aggregate(spec: TableSpec, runs: Sequence[Run]) -> list[RowResult]:
         if not mine: continue
         states = [run_state(x) for x in mine]
         metrics = [json.loads((x.folder/'metrics.json').read_text()) for x, s in zip(mine, states) if s == 'done']
+        runs_provenance = [m.get('provenance') or {} for m in metrics]
         errors = [f"s{m['seed']}: its metrics.json has no post-hoc scores (posthoc_tau was None)"
                   for m in metrics if r.score == 'posthoc' and 'posthoc' not in m]
         if r.score == 'posthoc': metrics = [m['posthoc'] | dict(seed=m['seed']) for m in metrics if 'posthoc' in m]
@@ -345,7 +355,8 @@ def aggregate(spec: TableSpec, runs: Sequence[Run]) -> list[RowResult]:
         source_iou = {c: _mean_sd([s[c] if s.get(c) is not None else math.nan for s in sources])[0] for c in (sources[0] if sources else ())}
         out.append(RowResult(r, status, [m['seed'] for m in metrics], {k: v[0] for k, v in stats.items()},
                              {k: v[1] for k, v in stats.items()}, iou, errors, never_counts,
-                             _mean_sd([float(len(n)) for n in never])[0], _mean_sd([float(b) for _, b in missed])[0], source_iou))
+                             _mean_sd([float(len(n)) for n in never])[0], _mean_sd([float(b) for _, b in missed])[0], source_iou,
+                             runs_provenance))
     return out
 
 def _fmt(v: float | None, digits: int = 1, sign: bool = False) -> str:
@@ -367,6 +378,7 @@ def table_records(results: Sequence[RowResult]) -> list[dict]:
         for k in PAPER_KEYS: rec[f"gain_{k}"] = (x.mean[k] - base.mean[k]) if base else math.nan
         rec['classes_never_predicted'], rec['classes_below_5_IoU'] = x.classes_never_predicted, x.classes_below
         rec['source_min_IoU'] = min(x.source_iou.values()) if x.source_iou else math.nan
+        rec |= provenance_columns(x.provenance)   # provenance_blda_version, provenance_git_commit, …
         records.append(rec)
     return records
 
@@ -402,6 +414,7 @@ def table_markdown(spec: TableSpec, results: Sequence[RowResult]) -> str:
     failed = [(x.row.name, e) for x in results for e in x.errors]
     if failed: lines += ['', '## Failed runs', ''] + [f"- {n} {e}" for n, e in failed]
     if spec.notes: lines += ['', spec.notes.strip()]
+    lines += ['', provenance_summary(p for x in results for p in x.provenance)]
     return '\n'.join(lines) + '\n'
 
 def plot_table(results: Sequence[RowResult]):
@@ -481,6 +494,21 @@ def _parse_set(items: Sequence[str]) -> dict:
         out[k.strip()] = yaml.safe_load(v)
     return out
 
+def absolute_roots(params: dict, settings) -> dict:
+    """The dataset roots of a run with experiment parameters `params`, as absolute paths: an empty root is
+    `settings`' root for its `data`, a relative one is taken from the current folder. The experiment kernel
+    runs in the run folder, wherever `--out` puts it, and finds no settings.ini from there."""
+    from blda.train import TrainConfig
+    from blda.train_cli import DATA_ROOTS
+    data = params.get('data', TrainConfig.data)
+    if data not in DATA_ROOTS: return {}   # the run reports the bad value
+    out = {}
+    for name, spec in zip(('source_root', 'target_root'), DATA_ROOTS[data]):
+        key, *sub = spec.split('/')
+        given = params.get(name)
+        out[name] = str(Path(given).expanduser().resolve() if given else getattr(settings, key).joinpath(*sub))
+    return out
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('table', nargs='?', default='toy', help="a table spec: toy (default), gta2cs, syn2cs, or a YAML file")
     parser.add_argument('--rows', nargs='+', metavar='ROW', help="only these rows (default: all but the spec's optional ones)")
@@ -525,11 +553,12 @@ def reproduce(table: str | Path = 'toy', out: Path | str | None = None, rows: Se
         return value
     runs = [r._replace(params={k: fill(v) for k, v in {**r.params, **({'device': device} if device != 'auto' else {})}.items()})
             for r in runs]
+    default_toy = {r.row for r in runs if r.params.get('data') == 'toy' and not r.params.get('source_root')}
     toy_root = settings.toy if not spec.toy else settings.toy.with_name(f"{settings.toy.name}-{spec.name}")
     if spec.toy:   # the table's own toy: its runs are pointed at it (the notebook would read settings.ini's)
-        roots = {'source_root': str(toy_root.resolve()/'source'), 'target_root': str(toy_root.resolve()/'target')}
-        runs = [r._replace(params={**r.params, **{k: v for k, v in roots.items() if not r.params.get(k)}})
-                if r.params.get('data') == 'toy' else r for r in runs]
+        runs = [r._replace(params=r.params | {'source_root': str(toy_root/'source'), 'target_root': str(toy_root/'target')})
+                if r.row in default_toy else r for r in runs]
+    runs = [r._replace(params=r.params | absolute_roots(r.params, settings)) for r in runs]
     todo = [r for r in runs if run_state(r) in ('pending', 'failed')]
     skipped = sum(run_state(r) == 'done' for r in runs)
     missing = sorted({r.row for r in runs if not r.implemented})
@@ -537,9 +566,7 @@ def reproduce(table: str | Path = 'toy', out: Path | str | None = None, rows: Se
         f"{len(seeds or spec.seeds)} seeds) → {out}; {skipped} finished, {len(todo)} to run"
         + (f"; not implemented: {', '.join(missing)}" if missing else ''))
     if execute and todo:
-        toy_roots = {r.params.get('source_root') for r in todo if r.params.get('data') == 'toy'}
-        if spec.toy: ensure_toy(toy_root, override=spec.toy)
-        elif any(not root for root in toy_roots): ensure_toy(settings.toy)
+        if any(r.row in default_toy for r in todo): ensure_toy(toy_root, override=spec.toy or None)
         if any(r.params.get('encoder_weights') == placeholders['{toy_standin}'] for r in todo):
             ensure_standin(settings.toy, standin, log=log)
         t0 = time.time()

@@ -4,7 +4,7 @@
 
 # %% ../nbs/31_train.ipynb #9a5c483a
 from __future__ import annotations
-import copy, dataclasses, datetime, json, math, os, random, time
+import copy, dataclasses, datetime, errno, json, math, os, random, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -18,7 +18,7 @@ from .classes import CITYSCAPES_CLASSES, SYNTHIA_16
 from .data import (RCSConfig, RareClassSampler, SegDataset, TOY_CROP, TOY_PSEUDO_MARGINS, TOY_RCS, UDADataset,
                        cityscapes_dataset, gta_dataset, synthia_dataset)
 from .evaluate import evaluate
-from .files import atomic_write, atomic_write_text, first_sentence
+from .files import WriteError, atomic_write, atomic_write_text, first_sentence
 from .losses import BLDALoss
 from .models import ARCH_ALIASES, build_model, encoder_known, param_groups
 from .tracker import LogitTracker
@@ -33,9 +33,9 @@ HOSTS = HOSTS | {h.name: h for h in (MIC, HRDA, MIC_HRDA, CDAC)}   # blda.uda's 
 __all__ = ['HOSTS', 'DATA_CHOICES', 'PRECISIONS', 'RESUMABLE_CHANGES', 'DATA_PRESETS', 'TOY_HEIGHT', 'TIMING_KEYS', 'TrainConfig',
            'DataPreset', 'resolve_host', 'Datasets', 'build_datasets', 'validation_set', 'SeededPairs', 'make_loader',
            'lr_factor', 'TrainState', 'build_criterion', 'build_student', 'build_state', 'rng_state', 'set_rng_state',
-           'seed_everything', 'save_checkpoint', 'CheckpointError', 'read_checkpoint', 'load_checkpoint',
-           'rank_random_states', 'json_safe', 'write_log', 'read_log', 'retain_freed_memory', 'TrainResult',
-           'resolve_device', 'train']
+           'seed_everything', 'save_checkpoint', 'previous_checkpoint', 'CheckpointError', 'UnreadableCheckpoint',
+           'read_checkpoint', 'load_checkpoint', 'resume_checkpoint', 'rank_random_states', 'json_safe', 'write_log',
+           'read_log', 'retain_freed_memory', 'TrainResult', 'resolve_device', 'train']
 
 # %% ../nbs/31_train.ipynb #0f247eaf
 DATA_CHOICES = ('gta2cs', 'synthia2cs', 'toy')
@@ -55,7 +55,7 @@ class TrainConfig:
     host: str = 'daformer'                  # one of HOSTS: source_only, dacs, daformer, mic, hrda, cdac
     blda: bool = False                      # BLDA's criterion (and cumulative-density head) on top of the host
     arch: str = 'T'                         # 'T' (DAFormer head) or 'C' (DeepLabV2)
-    encoder: str | None = None              # None: mit_b5 for T, resnet101 for C
+    encoder: str | None = None              # None: mit_b5 for T, tu-resnet101c (ResNet-101 V1c) for C
     encoder_weights: str | None = None      # local state-dict path; None: random initialisation
     embed_dim: int = 256                    # width of the DAFormer head (T); the toy table uses 64 to fit a CPU
     num_classes: int = 19
@@ -233,7 +233,8 @@ def build_datasets(config: TrainConfig, host: Host, margins: tuple | None) -> Da
                                 'RGB/*.png' if preset.source == 'synthia' else 'images/*.png')
     source = make_source(src_root, scale=source_scale, crop_size=crop)
     target_scale = _scaled_size(preset.target_scale, host.data_scale, tgt_root, 'leftImg8bit/train/*/*_leftImg8bit.png')
-    target = cityscapes_dataset(tgt_root, 'train', scale=target_scale, crop_size=crop, pseudo_margins=margins)
+    target = cityscapes_dataset(tgt_root, 'train', scale=target_scale, crop_size=crop, pseudo_margins=margins,
+                                with_labels=False)   # unsupervised: the target's crops are drawn without its labels
     rcs = None
     if host.rare_class_sampling:
         rcs_cfg = preset.rcs if config.rcs_min_pixels is None else dataclasses.replace(preset.rcs, min_pixels=config.rcs_min_pixels)
@@ -356,12 +357,21 @@ def build_state(config: TrainConfig, host: Host, device: torch.device) -> TrainS
 
 # %% ../nbs/31_train.ipynb #eeaa9c73
 def rng_state() -> dict:
-    "The global random states (Python, NumPy, PyTorch CPU and all CUDA devices)."
-    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    """The global random states (Python, NumPy, PyTorch CPU and all CUDA devices), as tensors and plain
+    types only, so that a checkpoint loads with `torch.load(weights_only=True)`."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return dict(python=dict(version=version, words=torch.tensor(words, dtype=torch.int64), gauss=gauss),
+                numpy=dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                           has_gauss=int(has_gauss), cached=float(cached)),
+                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state['python']); np.random.set_state(state['numpy']); torch.set_rng_state(state['torch'])
+    "Restore what `rng_state` returned."
+    py, n = state['python'], state['numpy']
+    random.setstate((py['version'], tuple(py['words'].tolist()), py['gauss']))
+    np.random.set_state((n['kind'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached']))
+    torch.set_rng_state(state['torch'])
     if state['cuda'] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
 
 def seed_everything(seed: int) -> None:
@@ -376,18 +386,38 @@ def save_checkpoint(path: Path, state: TrainState, config: TrainConfig, iteratio
     payload = dict(iteration=iteration, config=config.to_dict(), state=state.state_dict(), rng=rng_state(), log=log,
                    world_size=len(ranks) if ranks else 1)
     if ranks: payload['ranks'] = ranks
-    atomic_write(path, lambda f: torch.save(payload, f), sync=True)
+    path = Path(path)
+    new = path.with_name(f".{path.name}.new")
+    try: atomic_write(new, lambda f: torch.save(payload, f), sync=True)
+    except WriteError as e: raise WriteError(e.errno, str(e).replace(str(new), str(path))) from e   # name the real file
+    try: read_checkpoint(new)   # read back before the older files move
+    except CheckpointError as e:
+        new.unlink(missing_ok=True)
+        raise WriteError(errno.EIO, f"cannot write {path}: the file written does not read back ({e})") from None
+    if path.exists(): os.replace(path, previous_checkpoint(path))
+    os.replace(new, path)
+
+def previous_checkpoint(path: Path | str) -> Path:
+    "Where `save_checkpoint` keeps the checkpoint before `path` (`checkpoint.pt` → `checkpoint.previous.pt`)."
+    path = Path(path)
+    return path.with_name(f"{path.stem}.previous{path.suffix}")
 
 class CheckpointError(ValueError):
     "A checkpoint that cannot be used: unreadable, not written by `save_checkpoint`, or made by another run."
 
+class UnreadableCheckpoint(CheckpointError):
+    "A checkpoint file that cannot be read at all (truncated, corrupted, not a checkpoint)."
+
 _CHECKPOINT_KEYS = ('iteration', 'config', 'state', 'rng', 'log')
 
 def read_checkpoint(path: Path | str) -> dict:
-    "The contents of a checkpoint written by `save_checkpoint`; `CheckpointError` naming `path` for anything else."
-    try: ckpt = torch.load(path, map_location='cpu', weights_only=False)   # our own file: it holds RNG tuples
+    """The contents of a checkpoint written by `save_checkpoint`, read with `weights_only=True` (tensors and
+    plain types: opening someone else's file cannot run code); `UnreadableCheckpoint` or `CheckpointError`
+    naming `path` for anything else."""
+    try: ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:   # torch reports a truncated or foreign file as RuntimeError, UnpicklingError, EOFError, …
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {first_sentence(e)})") from e
+        old = ' (checkpoints written by blda before its RNG states were tensors hold NumPy arrays)' if 'numpy' in str(e) else ''
+        raise UnreadableCheckpoint(f"{path} is not a readable checkpoint ({type(e).__name__}: {first_sentence(e)}){old}") from e
     missing = [k for k in _CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing: raise CheckpointError(f"{path} was not written by blda train (no {', '.join(missing)})")
     return ckpt
@@ -399,7 +429,7 @@ def load_checkpoint(path: Path, state: TrainState, config: TrainConfig, rank: in
     config that differs in a field that changes the computation, or by another number of processes."""
     try: ckpt = read_checkpoint(path)
     except CheckpointError as e:
-        raise CheckpointError(f"{e}; delete it, or use another output folder, to start the run again") from e.__cause__
+        raise type(e)(f"{e}; delete it, or use another output folder, to start the run again") from e.__cause__
     saved = ckpt.get('world_size', 1)
     if saved != world:
         raise CheckpointError(f"{path} was written by {saved} process(es) and this run has {world}: the data order and "
@@ -416,6 +446,20 @@ def load_checkpoint(path: Path, state: TrainState, config: TrainConfig, rank: in
     mine = ckpt['ranks'][rank] if world > 1 else dict(rng=ckpt['rng'], generator=ckpt['state']['generator'])
     set_rng_state(mine['rng']); state.generator.set_state(mine['generator'])
     return ckpt['iteration'], ckpt['log']
+
+def resume_checkpoint(path: Path, state: TrainState, config: TrainConfig, rank: int = 0,
+                      world: int = 1) -> tuple[int, list[dict]]:
+    """`load_checkpoint` of `path`, or, when `path` is missing or unreadable (a copy cut short, a crash
+    between the two renames of `save_checkpoint`), of the checkpoint before it, with a one-line warning
+    on stderr (rank 0)."""
+    previous = previous_checkpoint(path)
+    if not previous.exists(): return load_checkpoint(path, state, config, rank, world)
+    try:
+        if path.exists(): return load_checkpoint(path, state, config, rank, world)
+        reason = f"{path} is missing"
+    except UnreadableCheckpoint as e: reason = str(e).split('; delete it')[0]
+    if rank == 0: print(f"blda train: warning: {reason}; resuming from {previous}", file=sys.stderr, flush=True)
+    return load_checkpoint(previous, state, config, rank, world)
 
 def rank_random_states(state: TrainState) -> list[dict]:
     "Every process's global random states and step generator, gathered on all ranks (a collective call)."
@@ -553,7 +597,8 @@ def _train(config: TrainConfig, procs: _Procs) -> TrainResult:
         state = build_state(config, host, device)
         ckpt_path, log_path = out/'checkpoint.pt', out/'metrics.jsonl'
         start, log = 0, []
-        if config.resume and ckpt_path.exists(): start, log = load_checkpoint(ckpt_path, state, config, procs.rank, procs.world)
+        if config.resume and (ckpt_path.exists() or previous_checkpoint(ckpt_path).exists()):
+            start, log = resume_checkpoint(ckpt_path, state, config, procs.rank, procs.world)
         elif procs.rank == 0: seed_everything(config.seed)
         else:   # every other process: its own dropout and augmentation streams
             seed_everything(_derived_seed(config.seed, 4, procs.rank))

@@ -90,7 +90,7 @@ def test_two_gloo_processes_stay_in_sync(uninterrupted):
     assert [r['kind'] for r in log] == ['train'] * ITERATIONS + ['eval']
     train_part = lambda L: untimed([r for r in L if r['kind'] == 'train'])
     assert train_part(r0['log']) == train_part(r1['log']) == train_part(log)   # losses averaged over the ranks
-    ckpt = torch.load(out/'checkpoint.pt', weights_only=False)
+    ckpt = torch.load(out/'checkpoint.pt', weights_only=True)
     assert ckpt['world_size'] == 2 and len(ckpt['ranks']) == 2
     for k, v in ckpt['state']['student'].items():
         assert torch.equal(v, r0['student'][k]), k

@@ -159,3 +159,56 @@ def test_param_groups_first_match_longest_key():
     assert by_name['head_norm.weight']['lr'] == 10 and by_name['head_norm.weight']['weight_decay'] == 1   # 'head' before 'norm'
     assert by_name['pos_block_head.weight']['lr'] == 1 and by_name['pos_block_head.weight']['weight_decay'] == 0
     assert 'frozen.weight' not in by_name
+
+
+def _random_state(encoder):
+    "Random tensors in `encoder`'s names and shapes (integers kept): what a published file of that layout holds."
+    g = torch.Generator().manual_seed(0)
+    return {k: torch.randn(v.shape, generator=g) if v.is_floating_point() else v + 3 for k, v in encoder.state_dict().items()}
+
+
+def _to_mmcv(state):
+    "timm's resnet*c names (smp's `tu-` prefix dropped) → mmcv's ResNetV1c names, as in open-mmlab://resnet101_v1c."
+    from blda.models import MMCV_RESNET_STEM
+    back = {new: old for old, new in MMCV_RESNET_STEM.items()}
+    def rename(k):
+        k = k.removeprefix('model.')
+        return next((back[p] + k[len(p):] for p in back if k.startswith(p)), k)
+    return {rename(k): v for k, v in state.items()}
+
+
+@pytest.fixture(scope='module')
+def v1c_files(tmp_path_factory):
+    "The official V1c layout (state_dict/meta, stem.*, fc, no BatchNorm counters) and torchvision's ResNet-101 layout."
+    d = tmp_path_factory.mktemp('weights')
+    v1c = build_model('C', num_classes=3).encoder
+    mmcv = {k: v for k, v in _to_mmcv(_random_state(v1c)).items() if not k.endswith('num_batches_tracked')}
+    assert {'stem.0.weight', 'stem.7.running_var', 'layer3.22.conv2.weight', 'layer4.0.downsample.1.bias'} <= set(mmcv)
+    torch.save({'meta': {'epoch': 100}, 'state_dict': mmcv | {'fc.weight': torch.zeros(1000, 2048), 'fc.bias': torch.zeros(1000)}},
+               d/'resnet101_v1c.pth')
+    tv = build_model('C', num_classes=3, encoder='resnet101').encoder
+    torch.save(_random_state(tv) | {'fc.weight': torch.zeros(1000, 2048), 'fc.bias': torch.zeros(1000)}, d/'resnet101.pth')
+    return d, mmcv, _random_state(tv)
+
+
+def test_official_v1c_layout_loads_every_tensor(v1c_files):
+    d, mmcv, _ = v1c_files
+    model = build_model('C', num_classes=3, encoder_weights=d/'resnet101_v1c.pth')   # the C default: V1c
+    own = _to_mmcv(model.encoder.state_dict())
+    assert set(own) == set(mmcv) | {k for k in own if k.endswith('num_batches_tracked')}
+    for k, v in mmcv.items(): assert torch.equal(own[k], v), k
+
+
+def test_torchvision_layout_is_an_explicit_option(v1c_files):
+    d, _, tv = v1c_files
+    model = build_model('C', num_classes=3, encoder='resnet101', encoder_weights=d/'resnet101.pth')
+    assert model.encoder.conv1.weight.shape[-1] == 7
+    for k, v in model.encoder.state_dict().items(): assert torch.equal(v, tv[k]), k
+
+
+def test_wrong_layout_is_one_line_naming_the_file(v1c_files):
+    d, _, _ = v1c_files
+    for encoder, name, hint in ((None, 'resnet101.pth', "torchvision's ResNet layout"),
+                                ('resnet101', 'resnet101_v1c.pth', 'deep 3×3 stem')):
+        with pytest.raises(EncoderWeightsError) as e: build_model('C', encoder=encoder, encoder_weights=d/name)
+        assert '\n' not in str(e.value) and str(d/name) in str(e.value) and hint in str(e.value), str(e.value)

@@ -106,7 +106,7 @@ def test_gta2cs_spec_lists_the_poster_table(tmp_path, monkeypatch):
     from blda.reproduce import reproduce as run_table
     spec, runs, results, out = run_table('gta2cs', execute=False, log=lambda *a: None)
     assert len(runs) == 36 and out == tmp_path/'gta2cs'
-    assert {r.params['encoder_weights'] for r in runs} == {'/weights/resnet101.pth', '/weights/mit_b5.pth'}
+    assert {r.params['encoder_weights'] for r in runs} == {'/weights/resnet101_v1c.pth', '/weights/mit_b5.pth'}
     papers = {x.row.name: x.row.paper['mIoU'] for x in results}
     assert papers['daformer-T'] == 68.3 and papers['mic-T-blda'] == 77.1
     assert all(x.status in ('pending', 'not implemented') for x in results)
@@ -143,3 +143,32 @@ def test_toy_ablation_spec():
     assert spec.row('ola-cde').params == toy.row('daformer-blda').params
     assert spec.row('posthoc').score == 'posthoc' and spec.row('posthoc').params['tau'] == 0
     assert spec.row('ola-s').params['mixed_tau'] == 0 and spec.row('ola').params['cdf_weight'] == 0
+
+
+def test_out_outside_the_repository_finds_the_data_and_records_provenance(toy, tmp_path):
+    """`blda reproduce` run from a project folder (its settings.ini found from there, no BLDA_SETTINGS) with
+    --out elsewhere: the runs, whose kernels start in the run folders, find the data, locally and through
+    submitit's local executor; metrics.json, status.json and table.csv record provenance; a second call resumes."""
+    project = tmp_path/'project'
+    (project/'data').mkdir(parents=True)
+    (project/'data'/'toy').symlink_to(toy)                           # the tiny toy, as settings.ini's relative toy root
+    (project/'settings.ini').write_text("[paths]\ntoy = data/toy\nresults = results\n")
+    env = {k: v for k, v in os.environ.items() if k != 'BLDA_SETTINGS'} | {'HF_HUB_OFFLINE': '1', 'MPLBACKEND': 'Agg'}
+    tiny = ['--set', 'crop_size=[32, 32]', 'min_pixels=10', 'rcs_min_pixels=10', 'embed_dim=16', 'pseudo_threshold=0.3']
+    for launcher, row in (('local', 'dacs'), ('submitit-local', 'source_only')):
+        out = tmp_path/f'elsewhere-{launcher}'
+        argv = [BLDA, 'reproduce', 'toy', '--quick', '--rows', row, '--out', str(out), '--launcher', launcher, *tiny]
+        p = subprocess.run(argv, cwd=project, env=env, capture_output=True, text=True, timeout=900)
+        assert p.returncode == 0, p.stdout + p.stderr
+        m = json.loads((out/row/'s0'/'metrics.json').read_text())
+        assert m['config']['source_root'] == str((project/'data'/'toy').resolve()/'source')
+        status = json.loads((out/row/'s0'/'status.json').read_text())
+        for where in (m['provenance'], status['provenance']):
+            assert {'blda_version', 'python', 'torch', 'cuda', 'device', 'precision', 'started', 'finished'} <= set(where)
+            assert where['device'] == 'cpu' and where['precision'] == 'fp32' and where['started'] <= where['finished']
+        assert ('git_commit' in m['provenance']) == (Path(BLDA).resolve().parents[2]/'.git').exists()
+        header = (out/'table.csv').read_text().splitlines()[0]
+        assert 'provenance_blda_version' in header and 'provenance_device' in header
+        assert (out/'table.md').read_text().rstrip().splitlines()[-1].startswith('Runs from commit(s)')
+        p = subprocess.run(argv, cwd=project, env=env, capture_output=True, text=True, timeout=900)
+        assert p.returncode == 0 and '1 finished, 0 to run' in p.stdout, p.stdout + p.stderr

@@ -70,6 +70,22 @@ def test_deeplab_c_daformer_blda(toy, tmp_path):
     assert res.iteration == 6 and all(math.isfinite(v) for r in res.log if r['kind'] == 'train'
                                       for k, v in r.items() if k.endswith(('_ce', '_cdf', 'fd')))
 
+def test_trains_without_target_train_labels(toy, tmp_path):
+    "Unsupervised: a copy of the toy whose target train labels were deleted trains; only the val labels are read."
+    import shutil
+    copy = tmp_path/'toy'
+    shutil.copytree(toy, copy)
+    labels = list((copy/'target'/'gtFine'/'train').rglob('*'))
+    assert any(p.name.endswith('_labelTrainIds.png') for p in labels)
+    shutil.rmtree(copy/'target'/'gtFine'/'train')
+    cfg = config(copy, tmp_path/'run', host='daformer', blda=True, iterations=3, eval_interval=3)
+    from blda.train import build_datasets
+    host, margins = resolve_host(cfg)
+    pair = build_datasets(cfg, host, margins).train[0]
+    assert 'gt' in pair['source'] and 'gt' not in pair['target']
+    res = train_quietly(cfg)
+    assert res.iteration == 3 and res.final_eval is not None
+
 # ------------------------------------------------------------------------------------------ exact resume
 def test_resume_is_bit_exact(toy, tmp_path):
     "Stopped at 3 of 6 iterations and resumed: the same weights, tracker, optimiser, RNG and metrics as one run."
@@ -95,6 +111,31 @@ def test_resume_is_bit_exact(toy, tmp_path):
     assert untimed(once.log) == untimed(twice.log)
     assert [r['kind'] for r in once.log].count('eval') == 2 and 'posthoc' in once.final_eval
     assert twice.state.criterion.tracker.estimated('target').any()       # the target side was exercised too
+
+def test_bad_latest_checkpoint_resumes_from_the_previous(toy, tmp_path, capsys):
+    "Checkpoints open with weights_only=True; a truncated (or missing) latest one resumes from the one before, bit for bit."
+    from conftest import assert_same_state
+    from blda.train import previous_checkpoint
+    cfg = config(toy, tmp_path/'once', host='dacs', blda=True, iterations=6, eval_interval=0, checkpoint_interval=2)
+    once = train_quietly(cfg)
+    run = tmp_path/'twice'
+    train_quietly(dataclasses.replace(cfg, output_dir=str(run), stop_after=4))
+    latest, previous = run/'checkpoint.pt', previous_checkpoint(run/'checkpoint.pt')
+    assert previous.name == 'checkpoint.previous.pt'
+    assert [torch.load(f, weights_only=True)['iteration'] for f in (latest, previous)] == [4, 2]
+    latest.write_bytes(latest.read_bytes()[:len(latest.read_bytes()) // 3])
+    capsys.readouterr()
+    twice = train_quietly(dataclasses.replace(cfg, output_dir=str(run)))
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith(f"blda train: warning: {latest} is not a readable checkpoint")
+    assert err.rstrip().endswith(f"resuming from {previous}")
+    assert twice.iteration == 6 and untimed(twice.log) == untimed(once.log)
+    assert_same_state(once, twice, ('student', 'teacher', 'criterion'))
+    assert [torch.load(f, weights_only=True)['iteration'] for f in (latest, previous)] == [6, 4]
+    latest.unlink()                                                      # a crash between the two renames
+    again = train_quietly(dataclasses.replace(cfg, output_dir=str(run)))
+    assert again.iteration == 6 and 'checkpoint.pt is missing' in capsys.readouterr().err
+    assert_same_state(once, again, ('student', 'teacher', 'criterion'))
 
 def test_resume_refuses_another_config(toy, tmp_path):
     cfg = config(toy, tmp_path, host='dacs', iterations=2, eval_interval=0)

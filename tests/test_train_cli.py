@@ -135,11 +135,11 @@ def test_full_disk_keeps_the_last_checkpoint(toy, tmp_path, capsys, monkeypatch)
         assert saves == [2, 4] and err.count('\n') == 1 and 'Traceback' not in err
         assert err.startswith(f"blda train: error: cannot write {run/'checkpoint.pt'}: No space left on device")
         assert sorted(p.name for p in run.iterdir()) == ['checkpoint.pt', 'config.json', 'metrics.jsonl']
-        assert torch.load(run/'checkpoint.pt', weights_only=False)['iteration'] == 2
+        assert torch.load(run/'checkpoint.pt', weights_only=True)['iteration'] == 2
         monkeypatch.undo()
         assert main(argv) == 0                                           # resumes at 2 once there is room again
     assert 'at iteration 4/4' in capsys.readouterr().out
-    assert torch.load(run/'checkpoint.pt', weights_only=False)['iteration'] == 4
+    assert torch.load(run/'checkpoint.pt', weights_only=True)['iteration'] == 4
 
 def test_unusable_checkpoint_is_one_line(toy, tmp_path, capsys):
     "A truncated checkpoint, a file that is not one, and another program's checkpoint: refused by name, not a traceback."

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
-from .cli import UserError
+from .errors import UserError
 
 # %% auto #0
 __all__ = ['PAPER_KEYS', 'NOTEBOOK_PARAMETERS', 'LAUNCHERS', 'Row', 'TableSpec', 'tables_dir', 'available_tables', 'parse_table',
@@ -68,6 +68,11 @@ def _check_params(params: dict, where: str) -> None:
     unknown = sorted(set(params) - _parameter_names())
     if unknown: raise UserError(f"{where}: unknown experiment parameter(s) {unknown} (use blda train's option names with '_')")
 
+def _layered(base: dict, given: dict) -> dict:
+    "`base` overridden by `given`; their `host_options` option by option (`blda.config.layered`)."
+    from blda.config import layered
+    return layered(base, given)
+
 def parse_table(spec: dict, source: Path | None = None) -> TableSpec:
     "A `TableSpec` from a parsed YAML mapping; raises `UserError` naming the file and the faulty entry."
     where = str(source or 'table spec')
@@ -92,7 +97,7 @@ def parse_table(spec: dict, source: Path | None = None) -> TableSpec:
         paper = r.get('paper')
         if paper is not None and (not isinstance(paper, dict) or set(paper) - set(PAPER_KEYS)):
             raise UserError(f"{at} ({name}): paper must map some of {PAPER_KEYS} to numbers")
-        params, score = {**defaults, **(r.get('params') or {})}, r.get('score', 'raw')
+        params, score = _layered(defaults, r.get('params') or {}), r.get('score', 'raw')
         if score not in ('raw', 'posthoc'): raise UserError(f"{at} ({name}): score must be 'raw' or 'posthoc', got {score!r}")
         no_posthoc = 'posthoc_tau' in params and params['posthoc_tau'] is None   # absent: the notebook's default (0.2)
         if score == 'posthoc' and (not params.get('blda') or no_posthoc):
@@ -133,8 +138,9 @@ class Run(NamedTuple):
 def plan_runs(spec: TableSpec, out: Path, rows: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
               quick: bool = False, overrides: dict | None = None, all_rows: bool = False) -> list[Run]:
     """The runs of `spec` for `rows` (default: every row not marked optional; `all_rows`: every row) and
-    `seeds` (default: the spec's), in table order."""
-    from blda.train import HOSTS
+    `seeds` (default: the spec's), in table order. A row's `host_options` are checked against its host here, so
+    that a misspelt option stops the table before any run starts."""
+    from blda.hosts import HOSTS, resolve_host_options
     unknown = sorted(set(rows or ()) - {r.name for r in spec.rows})
     if unknown: raise UserError(f"--rows: no row(s) {unknown} in table {spec.name!r}; rows: {', '.join(r.name for r in spec.rows)}")
     _check_params(overrides or {}, '--set')
@@ -143,9 +149,13 @@ def plan_runs(spec: TableSpec, out: Path, rows: Sequence[str] | None = None, see
         if (rows and r.name not in rows) or (not rows and r.optional and not all_rows): continue
         for s in (seeds or spec.seeds):
             folder = Path(out)/r.name/f"s{s}"
-            params = {**r.params, **(spec.quick if quick else {}), **(overrides or {}),
-                      'seed': int(s), 'output_dir': str(folder.resolve()), 'row': r.name}
-            runs.append(Run(r.name, int(s), folder, params, r.host in HOSTS))
+            params = _layered(_layered(r.params, spec.quick if quick else {}), overrides or {})
+            params |= {'seed': int(s), 'output_dir': str(folder.resolve()), 'row': r.name}
+            host = params.get('host', 'daformer')
+            if host in HOSTS and 'host_options' in params:
+                try: params['host_options'] = resolve_host_options(HOSTS[host], params['host_options'])
+                except ValueError as e: raise UserError(f"row {r.name!r}: host_options: {e}") from None
+            runs.append(Run(r.name, int(s), folder, params, host in HOSTS))
     return runs
 
 def run_state(run: Run) -> str:
@@ -195,7 +205,7 @@ def _kernel_manager(log: Path):
     return LoggedKernelManager
 
 def _write_status(folder: Path, **status) -> None:
-    from blda.evaluate_cli import write_json
+    from blda.files import write_json
     write_json(folder/'status.json', status)
 
 def execute_run(run: Run, notebook: Path | str | None = None, device: str | None = None,
@@ -405,14 +415,18 @@ def ensure_toy(root: Path, size: str = 'default', progress: bool = True, overrid
     return True
 
 # %% ../nbs/41_reproduce.ipynb #1ba9c659
-def _parse_set(items: Sequence[str]) -> dict:
-    "`KEY=VALUE` pairs, values read as YAML scalars (`iterations=100`, `blda=true`, `crop_size=[256, 256]`)."
+def _parse_set(items: Sequence[str], option: str = '--set') -> dict:
+    """`KEY=VALUE` pairs, values read as YAML scalars (`iterations=100`, `blda=true`, `crop_size=[256, 256]`);
+    `host_options.NAME=VALUE` sets one of the host's options (the nested `host_options`)."""
     import yaml
     out = {}
     for item in items or ():
-        if '=' not in item: raise UserError(f"--set {item!r}: expected KEY=VALUE")
+        if '=' not in item: raise UserError(f"{option} {item!r}: expected KEY=VALUE")
         k, v = item.split('=', 1)
-        out[k.strip()] = yaml.safe_load(v)
+        key, dot, name = k.strip().partition('.')
+        if not dot: out[key] = yaml.safe_load(v)
+        elif key == 'host_options' and name and option == '--set': out.setdefault('host_options', {})[name] = yaml.safe_load(v)
+        else: raise UserError(f"{option} {item!r}: only host_options.NAME=VALUE has a dot")
     return out
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -421,7 +435,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--all', action='store_true', help="every row, the optional ones too")
     parser.add_argument('--seeds', nargs='+', type=int, metavar='SEED', help="seeds (default: the spec's)")
     parser.add_argument('--quick', action='store_true', help="the spec's quick settings: a smoke run of the whole table")
-    parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE', help='override an experiment parameter of every row, e.g. iterations=2000')
+    parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE', help='override an experiment parameter of every row, e.g. iterations=2000 or host_options.mask_ratio=0.5')
     parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' or 'cuda:N' (local jobs on several GPUs get one each)")
     parser.add_argument('--jobs', type=int, default=1, help='runs at a time (local launcher)')
     parser.add_argument('--launcher', choices=LAUNCHERS, default='local', help="local processes, Slurm (submitit), or submitit's local executor")
@@ -438,7 +452,6 @@ def reproduce(table: str | Path = 'toy', out: Path | str | None = None, rows: Se
     """Run the pending and failed runs of `table` and aggregate all of them; returns (spec, runs, table
     rows, output folder). See `blda reproduce --help` for the arguments."""
     from blda.settings import load_settings
-    from blda.train import DATA_CHOICES
     if jobs < 1: raise UserError(f"--jobs must be ≥ 1, got {jobs}")
     for module in ('papermill', 'yaml') + (('submitit',) if launcher != 'local' else ()):
         try: __import__(module)
@@ -478,7 +491,7 @@ def reproduce(table: str | Path = 'toy', out: Path | str | None = None, rows: Se
 
 def run(args: argparse.Namespace) -> int:
     overrides = _parse_set(args.set)
-    slurm = _parse_set(args.slurm)
+    slurm = _parse_set(args.slurm, '--slurm')
     spec, runs, results, out = reproduce(args.table, args.out, args.rows, args.seeds, args.quick, overrides,
                                          args.device, args.jobs, args.launcher, slurm,
                                          execute=not (args.list or args.table_only), all_rows=args.all)

@@ -55,11 +55,12 @@ def _peak_extra_mib(fn, device) -> float | None:
 # %% ../nbs/92_benchmark.ipynb #a8365613
 def run_benchmark(device: str = 'cpu', batch: int = 2, classes: int = 19, height: int = 128, width: int = 128,
                   posthoc_size: tuple[int, int] = (256, 512), repeats: int = 20, seed: int = 0,
-                  compile: bool | None = None, retain_memory: bool = True, static: bool | None = None,
+                  compile: bool | None = None, retain_memory: bool = False, static: bool | None = None,
                   native: bool | None = None) -> dict:
     """Measure the steps described above; returns a dict of milliseconds, MiB and ratios. `compile`, `static`,
-    `native`: see `LogitTracker`. `retain_memory`: on CPU, keep freed memory in the process as `train` does
-    (`blda.train.retain_freed_memory`)."""
+    `native`: see `LogitTracker`. `retain_memory`: on CPU, keep freed memory in the process as `blda train` does
+    (`blda.train.retain_freed_memory`; it changes the whole process's allocator, so only when asked: `blda
+    benchmark` asks, unless `--no-retain-memory`)."""
     if retain_memory and torch.device(device).type == 'cpu':
         from blda.train import retain_freed_memory
         retain_freed_memory()
@@ -252,7 +253,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument('--data', default=None, help='folder for the generated toy images, kept and reused (default: a temporary folder)')
 
 def run(args: argparse.Namespace) -> int:
-    from blda.cli import UserError
+    from blda.errors import UserError
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     if torch.device(device).type == 'cuda' and not torch.cuda.is_available(): raise UserError('--device cuda: no GPU is available')
     gpu = torch.device(device).type == 'cuda'
@@ -267,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_train(args: argparse.Namespace, device: str, gpu: bool) -> int:
     import tempfile
-    from blda.cli import UserError
+    from blda.errors import UserError
     crop = tuple(args.crop or ((512, 512) if gpu else (128, 128)))
     iterations = args.iterations if args.iterations is not None else (200 if gpu else 30)
     rounds = args.rounds if args.rounds is not None else (1 if gpu else 3)
@@ -278,11 +279,14 @@ def _run_train(args: argparse.Namespace, device: str, gpu: bool) -> int:
     embed_dim = args.embed_dim if args.embed_dim is not None else (256 if gpu else 64)
     workers = args.num_workers if args.num_workers is not None else (min(8, os.cpu_count() or 1) if gpu else 0)
     from blda.train import TrainConfig
-    from blda.train_cli import as_option_message
+    from blda.config import as_option_message
     try:   # the options' errors before any toy image is made
         TrainConfig(host=args.host, arch=args.arch, encoder=encoder, embed_dim=embed_dim, data='toy', crop_size=crop,
                     batch_size=args.batch_size, num_workers=workers, precision=args.precision)
     except ValueError as e: raise UserError(as_option_message(str(e))) from None
+    if args.retain_memory and not gpu:   # the runs keep freed memory, as under `blda train`
+        from blda.train import retain_freed_memory
+        retain_freed_memory()
     with tempfile.TemporaryDirectory(prefix='blda-bench-toy-') as tmp:
         root = Path(args.data) if args.data else Path(tmp)
         toy_for_crops(root, crop)

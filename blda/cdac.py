@@ -13,12 +13,12 @@ from torch import Tensor, nn
 from segmentation_models_pytorch.encoders.mix_transformer import Attention as MiTAttention
 from .mic import without_tracker_update
 from .models import SegOutput, Segmentor
-from .uda import DAFORMER, Component, Host, StepContext, upsample
+from .uda import DAFORMER, Component, HostPart, StepContext, upsample
 
 # %% auto #0
 __all__ = ['STREAMS', 'SELF_STREAMS', 'CROSS_STREAMS', 'QUERY_KEY', 'STREAM_IMAGE', 'CDAC', 'AttentionMap', 'StreamPlan',
            'Projections', 'CrossDomainAttention', 'StreamOutput', 'CrossDomainSegmentor', 'token_domain',
-           'attention_consistency', 'CrossDomainConsistency', 'CDACHost']
+           'attention_consistency', 'CrossDomainConsistency', 'CDACPart']
 
 # %% ../nbs/37_cdac.ipynb #e43d617a
 STREAMS = ('source', 'mixed', 't2s', 's2t')          # the order of the streams along the batch of a joint pass
@@ -243,7 +243,7 @@ class CrossDomainConsistency(Component):
         if ctx.mixed is None or not (self.cross_streams or attend): return {}   # source-only, or switched off
         if _joint_model(ctx.student) is None or _joint_model(ctx.teacher) is None:
             raise ValueError("CrossDomainConsistency needs a CrossDomainSegmentor student and teacher "
-                             "(the model that CDACHost.wrap_model builds)")
+                             "(the model that CDACPart.wrap_model builds)")
         with ctx.autocast():
             out = ctx.student(ctx.batch.source_image, mixed=ctx.mixed_image,
                               streams=STREAMS if self.cross_streams else ('mixed',),
@@ -272,8 +272,8 @@ class CrossDomainConsistency(Component):
 
 # %% ../nbs/37_cdac.ipynb #4c335781
 @dataclass(frozen=True)
-class CDACHost(Host):
-    "A host whose student carries CDAC's cross-domain attention streams, with their losses and the attention consistency."
+class CDACPart(HostPart):
+    "CDAC's addition: the cross-domain attention streams on the student, their losses and the attention consistency."
     cross_streams: bool = True          # the t2s and s2t streams and their losses
     detach_queries: bool = True         # the swapped queries are detached (the reference's `detach=True`)
     t2s_weight: float = 0.5             # cda_t2s_lambda
@@ -283,17 +283,14 @@ class CDACHost(Host):
 
     def __post_init__(self):
         for name in ('t2s_weight', 's2t_weight', 'attention_weight'):
-            if getattr(self, name) < 0: raise ValueError(f"CDACHost.{name} must be ≥ 0, got {getattr(self, name)}")
+            if getattr(self, name) < 0: raise ValueError(f"CDACPart.{name} must be ≥ 0, got {getattr(self, name)}")
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         return CrossDomainSegmentor(model)
 
-    def build_components(self, initial_model: nn.Module, num_classes: int = 19) -> list[Component]:
-        comps = super().build_components(initial_model, num_classes)
-        if self.cross_streams or self.attention_weight > 0:
-            comps.append(CrossDomainConsistency(self.cross_streams, self.t2s_weight, self.s2t_weight,
-                                                self.detach_queries, self.attention_weight, self.attention_same_domain))
-        return comps
+    def components(self, initial_model: nn.Module, num_classes: int, built: Sequence[Component]) -> list[Component]:
+        if not (self.cross_streams or self.attention_weight > 0): return []
+        return [CrossDomainConsistency(self.cross_streams, self.t2s_weight, self.s2t_weight, self.detach_queries,
+                                       self.attention_weight, self.attention_same_domain)]
 
-CDAC = CDACHost(**{f.name: getattr(DAFORMER, f.name) for f in dataclasses.fields(Host)}
-                | dict(name='cdac', step=dataclasses.replace(DAFORMER.step, source_weight=0.5, mixed_weight=0.5)))
+CDAC = DAFORMER.plus(CDACPart(), name='cdac', step=dataclasses.replace(DAFORMER.step, source_weight=0.5, mixed_weight=0.5))

@@ -5,14 +5,12 @@
 # %% ../nbs/90_cli.ipynb #9fad6a18
 from __future__ import annotations
 import argparse, importlib, sys
+from .errors import UserError   # raised by the library, reported here
 
 # %% auto #0
-__all__ = ['COMMANDS', 'UserError', 'build_parser', 'main']
+__all__ = ['COMMANDS', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #f9ba7d86
-class UserError(Exception):
-    "A problem with the user's input (a path, a parameter); printed without a traceback."
-
 # name -> (module, one-line help). Modules are imported only when their command runs, so `blda --help`
 # stays fast and a command's heavy dependencies are not needed by the others.
 COMMANDS = {

@@ -7,15 +7,16 @@ from __future__ import annotations
 import argparse, json, os, re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 import numpy as np
-from .cli import UserError
+from .errors import UserError
 from .files import atomic_write, atomic_write_text
 
 # %% auto #0
-__all__ = ['CITYSCAPES_ID_TO_TRAIN_ID', 'SYNTHIA_ID_TO_TRAIN_ID', 'CITYSCAPES_KNOWN_IDS', 'SYNTHIA_KNOWN_IDS', 'DATASETS',
-           'id_lut', 'BadFile', 'read_id_png', 'read_synthia_label', 'image_size', 'write_png_atomic',
-           'write_json_if_changed', 'Job', 'Result', 'class_counts', 'convert_one', 'gta_jobs', 'synthia_jobs',
-           'cityscapes_jobs', 'class_stats_files', 'PrepareReport', 'prepare', 'add_arguments', 'run']
+__all__ = ['CITYSCAPES_ID_TO_TRAIN_ID', 'SYNTHIA_ID_TO_TRAIN_ID', 'CITYSCAPES_KNOWN_IDS', 'SYNTHIA_KNOWN_IDS', 'id_lut',
+           'BadFile', 'read_id_png', 'read_synthia_label', 'image_size', 'write_png_atomic', 'write_json_if_changed',
+           'Job', 'Result', 'class_counts', 'convert_one', 'gta_jobs', 'synthia_jobs', 'cityscapes_jobs',
+           'class_stats_files', 'PrepareReport', 'dataset_converters', 'prepare', 'add_arguments', 'run']
 
 # %% ../nbs/11_convert.ipynb #e94185aa
 CITYSCAPES_ID_TO_TRAIN_ID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
@@ -203,8 +204,6 @@ def cityscapes_jobs(root: Path, **options) -> list[Job]:
         jobs.append(Job(label, image, out, kind, key, **options))
     return jobs
 
-DATASETS = {'gta': gta_jobs, 'synthia': synthia_jobs, 'cityscapes': cityscapes_jobs}
-
 # %% ../nbs/11_convert.ipynb #a5c15dbd
 def class_stats_files(stats: list[dict]) -> dict[str, object]:
     "The content of `sample_class_stats.json`, `sample_class_stats_dict.json` and `samples_with_class.json`."
@@ -228,17 +227,23 @@ class PrepareReport:
     stats_files: list[str] = field(default_factory=list)
     counted: int = 0
 
+def dataset_converters() -> dict[str, Callable]:
+    "The label conversion of each registered dataset that has one (`blda.registry.DATASETS`), by name."
+    from blda.registry import DATASETS   # the registry lists this module's job functions: imported when needed
+    return {name: d.convert for name, d in DATASETS.items() if d.convert is not None}
+
 def prepare(dataset: str, root: Path | str, nproc: int = 1, skip_bad: bool = False, unknown_ids: str = 'error',
             verify_images: bool = False, force: bool = False, progress: bool = True) -> PrepareReport:
     """Convert the labels of `dataset` under `root` and write the statistics at `root`.
 
     Raises `UserError` for a missing folder, for no labels at all, and (unless `skip_bad`) when any file
     is bad, naming them; the good files are converted either way, so a re-run only redoes the bad ones."""
-    if dataset not in DATASETS: raise UserError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
+    converters = dataset_converters()
+    if dataset not in converters: raise UserError(f"unknown dataset {dataset!r}; choose one of {sorted(converters)}")
     if unknown_ids not in ('error', 'ignore'): raise UserError("unknown_ids must be 'error' or 'ignore'")
     root = Path(root)
     if not root.is_dir(): raise UserError(f"dataset root {root} does not exist or is not a folder")
-    jobs = DATASETS[dataset](root, unknown_ids=unknown_ids, verify_images=verify_images, force=force)
+    jobs = converters[dataset](root, unknown_ids=unknown_ids, verify_images=verify_images, force=force)
     if not jobs: raise UserError(f"no label files found under {root} (is this the {dataset} root?)")
     from tqdm.auto import tqdm
     results: list[Result] = []
@@ -267,7 +272,7 @@ def prepare(dataset: str, root: Path | str, nproc: int = 1, skip_bad: bool = Fal
 
 # %% ../nbs/11_convert.ipynb #c9848782
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('dataset', choices=sorted(DATASETS), help='which dataset layout ROOT holds')
+    parser.add_argument('dataset', choices=sorted(dataset_converters()), help='which dataset layout ROOT holds')
     parser.add_argument('root', nargs='?', default=None, help="dataset root (default: its path in settings.ini)")
     parser.add_argument('--nproc', type=int, default=1, help='worker processes (default: 1)')
     parser.add_argument('--skip-bad', action='store_true', help='leave bad files out (listed) instead of stopping')
@@ -281,8 +286,10 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 1: raise UserError('--nproc must be at least 1')
     root = args.root
     if root is None:
+        from blda.registry import DATASETS
         from blda.settings import load_settings
-        root = getattr(load_settings(), args.dataset)
+        try: root = DATASETS[args.dataset].root_in(load_settings())
+        except (OSError, ValueError) as e: raise UserError(str(e)) from None
     report = prepare(args.dataset, root, nproc=args.nproc, skip_bad=args.skip_bad, unknown_ids=args.unknown_ids,
                      verify_images=args.verify_images, force=args.force, progress=not args.quiet)
     for message in report.bad[:20]: print(f"skipped: {message}")

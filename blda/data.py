@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 from .classes import IGNORE_INDEX
-from .cli import UserError
+from .errors import UserError
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'TOY_CROP', 'TOY_PSEUDO_MARGINS', 'TOY_RCS', 'DataNotReady', 'rescaled_size',

@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--eval-pixels', type=int, default=200_000, help='fresh simulated pixels to score')
 
 def run(args: argparse.Namespace) -> int:
-    from blda.cli import UserError
+    from blda.errors import UserError
     if args.steps < 1: raise UserError('--steps must be at least 1')
     if args.eval_pixels < 1: raise UserError('--eval-pixels must be at least 1')
     print("Simulated 19-class logits, long-tailed; tracker updated online, then post-hoc adjustment at several τ.\n")

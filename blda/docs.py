@@ -175,7 +175,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--quiet', action='store_true', help='print only the summary line')
 
 def run(args: argparse.Namespace) -> int:
-    from blda.cli import UserError
+    from blda.errors import UserError
     nbs = Path(args.nbs) if args.nbs else default_nbs()
     if nbs is None: raise UserError("cannot find the notebooks (no nbs/ folder in this checkout); pass --nbs DIR")
     out = Path(args.out) if args.out else nbs.absolute().parent/'_docs'

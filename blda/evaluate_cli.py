@@ -7,13 +7,13 @@ from __future__ import annotations
 import argparse, json
 from pathlib import Path
 from typing import NamedTuple
-from .cli import UserError
-from .files import atomic_write_text
+from .errors import UserError
+from .files import write_json
 from .train import TrainConfig, json_safe
-from .train_cli import as_option_message
+from .config import as_option_message
 
 # %% auto #0
-__all__ = ['RunEvaluation', 'evaluate_run', 'write_json', 'format_metrics', 'add_arguments', 'run']
+__all__ = ['RunEvaluation', 'evaluate_run', 'format_metrics', 'add_arguments', 'run']
 
 # %% ../nbs/35_evaluate_cli.ipynb #f30f3a64
 class RunEvaluation(NamedTuple):
@@ -62,11 +62,6 @@ def evaluate_run(run: Path | str, posthoc_tau: float | None = None, target_root:
     head = dict(checkpoint=str(path), iteration=ckpt['iteration'], weights=weights, mode=mode, posthoc_tau=posthoc_tau)
     where = dict(provenance=provenance(dev, 'bf16' if host.step.amp else 'fp32', started, now()))   # this evaluation's
     return RunEvaluation(json_safe(head | metrics | where), config, path)
-
-def write_json(path: Path | str, obj) -> None:
-    "`obj` as indented JSON, written atomically (`blda.files.atomic_write`); creates the folder."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(obj, indent=1) + '\n')
 
 def format_metrics(m: dict) -> str:
     "Two or three lines: where the numbers come from, mIoU/mAcc with their stds over classes, and post-hoc."

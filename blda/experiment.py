@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from .classes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, IGNORE_INDEX, colorize
 from .metrics import LogitHistogram
-from .evaluate_cli import write_json
+from .files import write_json
 from .files import atomic_write_text
 from .train import TrainConfig, TrainResult, json_safe
 
@@ -35,8 +35,8 @@ def experiment_config(params: dict[str, Any], settings=None) -> TrainConfig:
     given.update(params.get('config_overrides') or {})
     unknown = sorted(set(given) - fields)
     if unknown: raise ValueError(f"unknown experiment parameter(s) {unknown}: use TrainConfig field names")
-    from blda.cli import UserError
-    from blda.train_cli import resolve_config
+    from blda.errors import UserError
+    from blda.config import resolve_config
     given = {k: v for k, v in given.items() if not (k in ('source_root', 'target_root') and not v)}
     try: return resolve_config(given | {'output_dir': given.get('output_dir', 'results/experiment')}, settings=settings)
     except UserError as e: raise ValueError(str(e)) from None

@@ -4,12 +4,12 @@
 
 # %% ../nbs/09_files.ipynb #6e652aa6
 from __future__ import annotations
-import os, uuid
+import json, os, uuid
 from pathlib import Path
 from typing import BinaryIO, Callable
 
 # %% auto #0
-__all__ = ['WriteError', 'first_sentence', 'os_error_behind', 'atomic_write', 'atomic_write_text']
+__all__ = ['WriteError', 'first_sentence', 'os_error_behind', 'atomic_write', 'atomic_write_text', 'write_json']
 
 # %% ../nbs/09_files.ipynb #dee7aace
 class WriteError(OSError):
@@ -46,3 +46,9 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], object], sync: bo
 def atomic_write_text(path: Path | str, text: str, sync: bool = False) -> None:
     "`atomic_write` of UTF-8 text."
     atomic_write(path, lambda f: f.write(text.encode('utf-8')), sync)
+
+# %% ../nbs/09_files.ipynb #afad2019
+def write_json(path: Path | str, obj) -> None:
+    "`obj` as indented JSON, written atomically (`atomic_write`); creates the folder."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(obj, indent=1) + '\n')

@@ -6,18 +6,18 @@
 from __future__ import annotations
 import dataclasses, math
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import ClassVar, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from .mic import MaskedConsistency, MICHost, without_tracker_update
+from .mic import MaskedConsistency, MICPart, without_tracker_update
 from .models import DAFormerHead, DLV2Head, HeadOutput, Segmentor, conv_bn_relu
-from .uda import DAFORMER, Component, Host, StepContext, upsample
+from .uda import DAFORMER, Component, DataSettings, HostPart, StepContext, upsample
 
 # %% auto #0
 __all__ = ['CROP_OFFSETS', 'FUSION_ORDERS', 'DETAIL_MODES', 'HRDA', 'MIC_HRDA', 'CropBox', 'random_detail_box',
            'scale_attention_head', 'Fused', 'fuse', 'DetailOutput', 'HRDAOutput', 'HRDASegmentor', 'DetailLoss',
-           'HRDAHost', 'HRDAMaskedConsistency', 'MICHRDAHost']
+           'HRDAPart']
 
 # %% ../nbs/36_hrda.ipynb #3d39e689
 class CropBox(NamedTuple):
@@ -294,8 +294,8 @@ class DetailLoss(Component):
 
 # %% ../nbs/36_hrda.ipynb #a5433e93
 @dataclass(frozen=True)
-class HRDAHost(Host):
-    "A host whose student is `HRDASegmentor` and whose components add `DetailLoss`; the fields are HRDA's settings."
+class HRDAPart(HostPart):
+    "HRDA's addition: the `HRDASegmentor` student, `DetailLoss`, and its data settings; the fields are HRDA's options."
     lr_scale: float = 0.5                    # the context branch's input scale (scales [1, 0.5])
     detail_ratio: float = 0.5                # detail crop / context crop (hr_crop_size 512 in 1024 crops)
     crop_divisible: int = 8                  # crop_coord_divisible
@@ -306,44 +306,34 @@ class HRDAHost(Host):
     fusion: str = 'reference'                # quirk: attention applied on the LR grid, then upsampled (hrda_head.py)
     crop_offsets: str = 'reference'          # quirk: get_crop_bbox never draws the last offset
     rescale_fused: bool = True               # the fused loss counts 1 − λ_d, as hrda_head.py's losses
+    data_scale: float = 2.0                  # × the benchmark's resize and crop sizes
+    rcs_min_crop_ratio: float = 2.0          # RCS crops need min_pixels × this many pixels of the class
+    PSEUDO_MARGINS: ClassVar[tuple[int, int, int, int]] = (30, 240, 30, 30)   # v2 PL crop (top, bottom, left, right), full res
 
     def __post_init__(self):
-        if not 0 <= self.detail_weight < 1: raise ValueError(f"HRDAHost.detail_weight must lie in [0, 1), got {self.detail_weight}")
-        if self.pseudo_margins is not None and (len(self.pseudo_margins) != 4 or min(self.pseudo_margins) < 0):
-            raise ValueError(f"HRDAHost.pseudo_margins must be None or four integers ≥ 0, got {self.pseudo_margins}")
-        if self.rcs_min_crop_ratio is not None and self.rcs_min_crop_ratio < 0: raise ValueError(f"HRDAHost.rcs_min_crop_ratio must be ≥ 0, got {self.rcs_min_crop_ratio}")
-        if self.data_scale <= 0: raise ValueError(f"HRDAHost.data_scale must be > 0, got {self.data_scale}")
+        def check(ok: bool, name: str, rule: str):
+            if not ok: raise ValueError(f"HRDAPart.{name} {rule}, got {getattr(self, name)!r}")
+        check(0 <= self.detail_weight < 1, 'detail_weight', "must lie in [0, 1)")
+        check(self.data_scale > 0, 'data_scale', "must be > 0")
+        check(self.rcs_min_crop_ratio >= 0, 'rcs_min_crop_ratio', "must be ≥ 0")
+        check(0 < self.detail_ratio <= 1, 'detail_ratio', "must lie in (0, 1]")
+        check(self.crop_divisible >= 1, 'crop_divisible', "must be ≥ 1")
+        check(self.detail_inference in ('slide', 'whole'), 'detail_inference', "must be 'slide' or 'whole'")
+        check(self.fusion in FUSION_ORDERS, 'fusion', f"must be one of {FUSION_ORDERS}")
+        check(self.crop_offsets in CROP_OFFSETS, 'crop_offsets', f"must be one of {CROP_OFFSETS}")
 
     def wrap_model(self, model: nn.Module) -> HRDASegmentor:
         return HRDASegmentor(model, self.lr_scale, self.detail_ratio, self.crop_divisible, self.attention_classwise,
                              self.attention_embed_dim, self.detail_inference, self.fusion, self.crop_offsets)
 
-    def build_components(self, initial_model: nn.Module, num_classes: int = 19) -> list[Component]:
-        return super().build_components(initial_model, num_classes) + [DetailLoss(self.detail_weight, self.rescale_fused)]
+    def components(self, initial_model: nn.Module, num_classes: int, built: Sequence[Component]) -> list[Component]:
+        return [DetailLoss(self.detail_weight, self.rescale_fused)]
 
-HRDA = HRDAHost(**{f.name: getattr(DAFORMER, f.name) for f in dataclasses.fields(Host)}
-                | dict(name='hrda', step=dataclasses.replace(DAFORMER.step, pseudo_crop_rows=None), data_scale=2.0,
-                       eval_mode='slide',
-                       pseudo_margins=(30, 240, 30, 30),   # v2 PL crop (top, bottom, left, right), full resolution
-                       rcs_min_crop_ratio=2.0))            # RCS crops need min_pixels × 2.0 pixels of the class
+    def data_settings(self, data: DataSettings) -> DataSettings:
+        return dataclasses.replace(data, data_scale=self.data_scale, pseudo_margins=self.PSEUDO_MARGINS,
+                                   rcs_min_crop_ratio=self.rcs_min_crop_ratio, eval_mode='slide')
+
+HRDA = DAFORMER.plus(HRDAPart(), name='hrda', step=dataclasses.replace(DAFORMER.step, pseudo_crop_rows=None))
 
 # %% ../nbs/36_hrda.ipynb #43ca6d9c
-class HRDAMaskedConsistency(MaskedConsistency):
-    "MIC's masked-target loss on an `HRDASegmentor` student, with HRDA's detail terms inside it (before λ_MIC)."
-    def __init__(self, detail: DetailLoss, **masking):
-        super().__init__(**masking)
-        self.detail = detail
-
-    def pass_losses(self, out, image: Tensor, labels: Tensor, is_target: Tensor, weight: Tensor,
-                    criterion) -> dict[str, Tensor]:
-        return self.detail.pass_losses(out, image, labels, is_target, weight, criterion, 'mic')
-
-@dataclass(frozen=True)
-class MICHRDAHost(HRDAHost, MICHost):
-    "MIC on HRDA: HRDA's student and settings, and MIC's masked pass with HRDA's detail terms."
-    def build_components(self, initial_model: nn.Module, num_classes: int = 19) -> list[Component]:
-        detail = DetailLoss(self.detail_weight, self.rescale_fused)
-        return Host.build_components(self, initial_model, num_classes) + [detail, HRDAMaskedConsistency(
-            detail, block_size=self.mic_block_size, ratio=self.mic_ratio, weight=self.mic_weight, augment=self.mic_augment)]
-
-MIC_HRDA = MICHRDAHost(**{f.name: getattr(HRDA, f.name) for f in dataclasses.fields(HRDAHost)} | dict(name='mic_hrda'))
+MIC_HRDA = HRDA.plus(MICPart(), name='mic_hrda')

@@ -6,15 +6,15 @@
 from __future__ import annotations
 import copy, dataclasses
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 from .selftrain import block_mask, mask_image, strong_augment
-from .uda import DAFORMER, Component, Criterion, Host, StepConfig, StepContext, upsample
+from .uda import DAFORMER, Component, Criterion, HostPart, StepConfig, StepContext, upsample
 
 # %% auto #0
 __all__ = ['BLOCK_FRACTION', 'MIC', 'mic_block_size', 'MaskedTarget', 'masked_target', 'without_tracker_update',
-           'MaskedConsistency', 'MICHost']
+           'MaskedConsistency', 'MICPart']
 
 # %% ../nbs/33_mic.ipynb #62220f04
 BLOCK_FRACTION = 1 / 16   # block side / crop height in both reference settings: 32/512 (DAFormer), 64/1024 (HRDA)
@@ -58,15 +58,18 @@ class MaskedConsistency(Component):
 
     `block_size`: block side in pixels, or None for 1/16 of the crop height; `ratio`: probability that a
     block is masked (0.7); `weight`: λ_MIC (1); `augment`: fresh colour jitter and blur before masking
-    (`'separatetrgaug'`, the reference); `update_tracker`: let BLDA's tracker see the masked pass (off)."""
+    (`'separatetrgaug'`, the reference); `update_tracker`: let BLDA's tracker see the masked pass (off);
+    `pass_terms`: components whose `pass_losses` add terms to the masked pass before λ_MIC, as the reference
+    computes it with the student's full `forward_train` (HRDA's detail loss, `blda.hrda`)."""
     def __init__(self, block_size: int | None = None, ratio: float = 0.7, weight: float = 1.0,
-                 augment: bool = True, update_tracker: bool = False):
+                 augment: bool = True, update_tracker: bool = False, pass_terms: Sequence[Component] = ()):
         super().__init__()
         if block_size is not None and block_size < 1: raise ValueError(f"MaskedConsistency block_size must be None or ≥ 1, got {block_size}")
         if not 0 <= ratio < 1: raise ValueError(f"MaskedConsistency ratio must lie in [0, 1), got {ratio}")
         if weight < 0: raise ValueError(f"MaskedConsistency weight must be ≥ 0, got {weight}")
         self.block_size, self.ratio, self.weight = block_size, ratio, weight
         self.augment, self.update_tracker = augment, update_tracker
+        self.pass_terms = tuple(pass_terms)   # a tuple, not submodules: their state is theirs to checkpoint
 
     def extra_repr(self) -> str:
         return f"block_size={self.block_size}, ratio={self.ratio}, weight={self.weight}, augment={self.augment}"
@@ -82,27 +85,25 @@ class MaskedConsistency(Component):
         criterion = ctx.criterion if self.update_tracker else without_tracker_update(ctx.criterion)
         is_target = torch.ones_like(labels, dtype=torch.bool)
         terms = criterion.mixed(upsample(out.logits, size), labels, is_target, ctx.pseudo.weight, upsample(out.cdf, size))
-        more = self.pass_losses(out, masked.image, labels, is_target, ctx.pseudo.weight, criterion)
+        more = {}
+        for c in self.pass_terms: more.update(c.pass_losses(out, masked.image, labels, is_target, ctx.pseudo.weight, criterion, 'mic'))
         return {'mic': self.weight * (terms.total + sum(more.values()))}
 
-    def pass_losses(self, out, image: Tensor, labels: Tensor, is_target: Tensor, weight: Tensor,
-                    criterion: Criterion) -> dict[str, Tensor]:
-        """Further loss terms of the masked pass, added to its loss before λ_MIC: none here. A host whose student
-        has its own terms (HRDA's detail loss, `blda.hrda`) overrides this, as the reference computes the
-        masked loss with the student's full `forward_train`."""
-        return {}
 
 # %% ../nbs/33_mic.ipynb #877d74f4
 @dataclass(frozen=True)
-class MICHost(Host):
-    "A host with MIC's masked-target loss added to its components."
-    mic_block_size: int | None = None   # None: 1/16 of the crop height (32 at 512, the reference's DAFormer value)
-    mic_ratio: float = 0.7              # probability that a block is masked
+class MICPart(HostPart):
+    "MIC's masked-target loss, after the components of the parts before it; their `pass_losses` join the masked pass."
+    mask_block_size: int | None = None  # None: 1/16 of the crop height (32 at 512, the reference's DAFormer value)
+    mask_ratio: float = 0.7             # probability that a block is masked
     mic_weight: float = 1.0             # λ_MIC
-    mic_augment: bool = True            # fresh jitter/blur before masking ('separatetrgaug')
+    mask_augment: bool = True           # fresh jitter/blur before masking ('separatetrgaug')
 
-    def build_components(self, initial_model: nn.Module, num_classes: int = 19) -> list[Component]:
-        return super().build_components(initial_model, num_classes) + [
-            MaskedConsistency(self.mic_block_size, self.mic_ratio, self.mic_weight, self.mic_augment)]
+    def __post_init__(self):   # the component's own checks, at once (a host option, not the start of training)
+        MaskedConsistency(self.mask_block_size, self.mask_ratio, self.mic_weight, self.mask_augment)
 
-MIC = MICHost(**{f.name: getattr(DAFORMER, f.name) for f in dataclasses.fields(Host)} | dict(name='mic'))
+    def components(self, initial_model: nn.Module, num_classes: int, built: Sequence[Component]) -> list[Component]:
+        return [MaskedConsistency(self.mask_block_size, self.mask_ratio, self.mic_weight, self.mask_augment,
+                                  pass_terms=built)]
+
+MIC = DAFORMER.plus(MICPart(), name='mic')

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
-from .cli import UserError
+from .errors import UserError
 from .provenance import provenance_columns, provenance_summary
 
 # %% auto #0
@@ -72,6 +72,11 @@ def _check_params(params: dict, where: str) -> None:
     unknown = sorted(set(params) - _parameter_names())
     if unknown: raise UserError(f"{where}: unknown experiment parameter(s) {unknown} (use blda train's option names with '_')")
 
+def _layered(base: dict, given: dict) -> dict:
+    "`base` overridden by `given`; their `host_options` option by option (`blda.config.layered`)."
+    from blda.config import layered
+    return layered(base, given)
+
 def parse_table(spec: dict, source: Path | None = None) -> TableSpec:
     "A `TableSpec` from a parsed YAML mapping; raises `UserError` naming the file and the faulty entry."
     where = str(source or 'table spec')
@@ -96,7 +101,7 @@ def parse_table(spec: dict, source: Path | None = None) -> TableSpec:
         paper = r.get('paper')
         if paper is not None and (not isinstance(paper, dict) or set(paper) - set(PAPER_KEYS)):
             raise UserError(f"{at} ({name}): paper must map some of {PAPER_KEYS} to numbers")
-        params, score = {**defaults, **(r.get('params') or {})}, r.get('score', 'raw')
+        params, score = _layered(defaults, r.get('params') or {}), r.get('score', 'raw')
         if score not in ('raw', 'posthoc'): raise UserError(f"{at} ({name}): score must be 'raw' or 'posthoc', got {score!r}")
         no_posthoc = 'posthoc_tau' in params and params['posthoc_tau'] is None   # absent: the notebook's default (0.2)
         if score == 'posthoc' and (not params.get('blda') or no_posthoc):
@@ -147,8 +152,9 @@ class Run(NamedTuple):
 def plan_runs(spec: TableSpec, out: Path, rows: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
               quick: bool = False, overrides: dict | None = None, all_rows: bool = False) -> list[Run]:
     """The runs of `spec` for `rows` (default: every row not marked optional; `all_rows`: every row) and
-    `seeds` (default: the spec's), in table order."""
-    from blda.train import HOSTS
+    `seeds` (default: the spec's), in table order. A row's `host_options` are checked against its host here, so
+    that a misspelt option stops the table before any run starts."""
+    from blda.hosts import HOSTS, resolve_host_options
     unknown = sorted(set(rows or ()) - {r.name for r in spec.rows})
     if unknown: raise UserError(f"--rows: no row(s) {unknown} in table {spec.name!r}; rows: {', '.join(r.name for r in spec.rows)}")
     _check_params(overrides or {}, '--set')
@@ -157,9 +163,13 @@ def plan_runs(spec: TableSpec, out: Path, rows: Sequence[str] | None = None, see
         if (rows and r.name not in rows) or (not rows and r.optional and not all_rows): continue
         for s in (seeds or spec.seeds):
             folder = Path(out)/r.name/f"s{s}"
-            params = {**r.params, **(spec.quick if quick else {}), **(overrides or {}),
-                      'seed': int(s), 'output_dir': str(folder.resolve()), 'row': r.name}
-            runs.append(Run(r.name, int(s), folder, params, r.host in HOSTS))
+            params = _layered(_layered(r.params, spec.quick if quick else {}), overrides or {})
+            params |= {'seed': int(s), 'output_dir': str(folder.resolve()), 'row': r.name}
+            host = params.get('host', 'daformer')
+            if host in HOSTS and 'host_options' in params:
+                try: params['host_options'] = resolve_host_options(HOSTS[host], params['host_options'])
+                except ValueError as e: raise UserError(f"row {r.name!r}: host_options: {e}") from None
+            runs.append(Run(r.name, int(s), folder, params, host in HOSTS))
     return runs
 
 def run_state(run: Run) -> str:
@@ -209,7 +219,7 @@ def _kernel_manager(log: Path):
     return LoggedKernelManager
 
 def _write_status(folder: Path, **status) -> None:
-    from blda.evaluate_cli import write_json
+    from blda.files import write_json
     write_json(folder/'status.json', status)
 
 def execute_run(run: Run, notebook: Path | str | None = None, device: str | None = None,
@@ -469,44 +479,51 @@ def write_table(spec: TableSpec, results: Sequence[RowResult], out: Path) -> str
 # %% ../nbs/41_reproduce.ipynb #d2e2e991
 TOY_FOLDERS = (('source', 'gta'), ('source_val', 'gta'), ('target', 'cityscapes'))   # folder, its converter
 
-def ensure_toy(root: Path, size: str = 'default', progress: bool = True, override: dict | None = None) -> bool:
+def ensure_toy(root: Path, size: str = 'default', progress: bool = True, override: dict | None = None, log=print) -> bool:
     """Generate and prepare the toy benchmark in `root` unless it is there; True if anything was made.
-    `size` and `override`: as in `blda.toy.toy_config`. A folder holding a toy made with another config (an
-    older blda's, say) is a `UserError`: its runs would not be the ones the table describes."""
+    `size` and `override`: as in `blda.toy.toy_config`. A folder that already holds a toy made with another
+    config (an older blda's, or a `--size tiny` one) is used as it is, with a one-line warning: the table's
+    numbers are then those of that toy."""
     from blda.convert import prepare
     from blda.toy import make_toy, toy_config
     root = Path(root)
+    made = dict(generated=0)
     try: made = make_toy(root, toy_config(size, override), seed=0, nproc=min(4, os.cpu_count() or 1), progress=progress)
-    except FileExistsError as e: raise UserError(f"{e} (blda reproduce uses the default toy)") from None
-    todo = [(d, kind) for d, kind in TOY_FOLDERS if not (root/d/'sample_class_stats.json').is_file()]
+    except FileExistsError:
+        log(f"warning: {root} holds a toy made with another config or seed (see {root/'toy_config.json'}); the runs use "
+            f"it as it is. Delete the folder to get this table's toy.")
+    todo = [(d, kind) for d, kind in TOY_FOLDERS if (root/d).is_dir() and not (root/d/'sample_class_stats.json').is_file()]
     for d, kind in todo: prepare(kind, root/d, progress=False)
-    if made['generated']: print(f"generated the toy benchmark in {root} ({made['seconds']:.0f} s)", flush=True)
+    if made['generated']: log(f"generated the toy benchmark in {root} ({made['seconds']:.0f} s)")
     return bool(made['generated'] or todo)
 
 # %% ../nbs/41_reproduce.ipynb #1ba9c659
-def _parse_set(items: Sequence[str]) -> dict:
-    "`KEY=VALUE` pairs, values read as YAML scalars (`iterations=100`, `blda=true`, `crop_size=[256, 256]`)."
+def _parse_set(items: Sequence[str], option: str = '--set') -> dict:
+    """`KEY=VALUE` pairs, values read as YAML scalars (`iterations=100`, `blda=true`, `crop_size=[256, 256]`);
+    `host_options.NAME=VALUE` sets one of the host's options (the nested `host_options`)."""
     import yaml
     out = {}
     for item in items or ():
-        if '=' not in item: raise UserError(f"--set {item!r}: expected KEY=VALUE")
+        if '=' not in item: raise UserError(f"{option} {item!r}: expected KEY=VALUE")
         k, v = item.split('=', 1)
-        out[k.strip()] = yaml.safe_load(v)
+        key, dot, name = k.strip().partition('.')
+        if not dot: out[key] = yaml.safe_load(v)
+        elif key == 'host_options' and name and option == '--set': out.setdefault('host_options', {})[name] = yaml.safe_load(v)
+        else: raise UserError(f"{option} {item!r}: only host_options.NAME=VALUE has a dot")
     return out
 
 def absolute_roots(params: dict, settings) -> dict:
     """The dataset roots of a run with experiment parameters `params`, as absolute paths: an empty root is
     `settings`' root for its `data`, a relative one is taken from the current folder. The experiment kernel
     runs in the run folder, wherever `--out` puts it, and finds no settings.ini from there."""
+    from blda.registry import BENCHMARKS
     from blda.train import TrainConfig
-    from blda.train_cli import DATA_ROOTS
-    data = params.get('data', TrainConfig.data)
-    if data not in DATA_ROOTS: return {}   # the run reports the bad value
+    benchmark = BENCHMARKS.get(params.get('data', TrainConfig.data))
+    if benchmark is None: return {}   # the run reports the bad value
     out = {}
-    for name, spec in zip(('source_root', 'target_root'), DATA_ROOTS[data]):
-        key, *sub = spec.split('/')
+    for name, entry in (('source_root', benchmark.source), ('target_root', benchmark.target)):
         given = params.get(name)
-        out[name] = str(Path(given).expanduser().resolve() if given else getattr(settings, key).joinpath(*sub))
+        out[name] = str(Path(given).expanduser().resolve() if given else entry.root_in(settings))
     return out
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -515,7 +532,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--all', action='store_true', help="every row, the optional ones too")
     parser.add_argument('--seeds', nargs='+', type=int, metavar='SEED', help="seeds (default: the spec's)")
     parser.add_argument('--quick', action='store_true', help="the spec's quick settings: a smoke run of the whole table")
-    parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE', help='override an experiment parameter of every row, e.g. iterations=2000')
+    parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE', help='override an experiment parameter of every row, e.g. iterations=2000 or host_options.mask_ratio=0.5')
     parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' or 'cuda:N' (local jobs on several GPUs get one each)")
     parser.add_argument('--jobs', type=int, default=1, help='runs at a time (local launcher)')
     parser.add_argument('--launcher', choices=LAUNCHERS, default='local', help="local processes, Slurm (submitit), or submitit's local executor")
@@ -532,7 +549,6 @@ def reproduce(table: str | Path = 'toy', out: Path | str | None = None, rows: Se
     """Run the pending and failed runs of `table` and aggregate all of them; returns (spec, runs, table
     rows, output folder). See `blda reproduce --help` for the arguments."""
     from blda.settings import load_settings
-    from blda.train import DATA_CHOICES
     if jobs < 1: raise UserError(f"--jobs must be ≥ 1, got {jobs}")
     for module in ('papermill', 'yaml') + (('submitit',) if launcher != 'local' else ()):
         try: __import__(module)
@@ -566,7 +582,7 @@ def reproduce(table: str | Path = 'toy', out: Path | str | None = None, rows: Se
         f"{len(seeds or spec.seeds)} seeds) → {out}; {skipped} finished, {len(todo)} to run"
         + (f"; not implemented: {', '.join(missing)}" if missing else ''))
     if execute and todo:
-        if any(r.row in default_toy for r in todo): ensure_toy(toy_root, override=spec.toy or None)
+        if any(r.row in default_toy for r in todo): ensure_toy(toy_root, override=spec.toy or None, log=log)
         if any(r.params.get('encoder_weights') == placeholders['{toy_standin}'] for r in todo):
             ensure_standin(settings.toy, standin, log=log)
         t0 = time.time()
@@ -585,7 +601,7 @@ def reproduce(table: str | Path = 'toy', out: Path | str | None = None, rows: Se
 
 def run(args: argparse.Namespace) -> int:
     overrides = _parse_set(args.set)
-    slurm = _parse_set(args.slurm)
+    slurm = _parse_set(args.slurm, '--slurm')
     spec, runs, results, out = reproduce(args.table, args.out, args.rows, args.seeds, args.quick, overrides,
                                          args.device, args.jobs, args.launcher, slurm,
                                          execute=not (args.list or args.table_only), all_rows=args.all)

@@ -14,17 +14,18 @@ __all__ = ['DEFAULT_PATHS', 'Settings', 'find_settings_file', 'load_settings']
 # %% ../nbs/00_settings.ipynb #0f8d3b31
 @dataclass(frozen=True)
 class Settings:
-    "Resolved run settings: dataset roots, results folder, optional pretrained-weights folder."
-    gta: Path
-    synthia: Path
-    cityscapes: Path
-    toy: Path
+    "Resolved run settings: a root per registered dataset, the results folder, an optional pretrained-weights folder."
+    roots: dict[str, Path]  # settings key → dataset root (`blda.registry` names the keys: gta, synthia, cityscapes, toy, …)
     results: Path
     pretrained: Path | None
-    source: Path | None  # the settings file these came from (None = built-in defaults)
+    source: Path | None = None  # the settings file these came from (None = built-in defaults)
 
-DEFAULT_PATHS = dict(gta='data/gta', synthia='data/synthia', cityscapes='data/cityscapes',
-                     toy='data/toy', results='results', pretrained='pretrained')
+    def __getattr__(self, name: str) -> Path:   # `settings.gta`: the root of key 'gta'
+        roots = self.__dict__.get('roots') or {}
+        if name in roots: return roots[name]
+        raise AttributeError(f"no dataset root {name!r} in the settings; known: {sorted(roots)}")
+
+DEFAULT_PATHS = dict(results='results', pretrained='pretrained')   # beside the dataset roots
 
 # %% ../nbs/00_settings.ipynb #f50c532e
 def find_settings_file(start: Path | str | None = None) -> Path | None:
@@ -39,18 +40,25 @@ def find_settings_file(start: Path | str | None = None) -> Path | None:
         if (d/'settings.ini').is_file(): return d/'settings.ini'
     return None
 
-def load_settings(path: Path | str | None = None) -> Settings:
-    "Read `settings.ini` (section `[paths]`); unknown keys are an error so that typos don't go unnoticed."
+def load_settings(path: Path | str | None = None, roots: dict[str, str] | None = None) -> Settings:
+    """Read `settings.ini` (section `[paths]`): a root for each key of `roots` (key → default; None: those of the
+    registered datasets, `blda.registry.dataset_roots`), `results` and `pretrained`. Unknown keys are an error
+    so that typos don't go unnoticed."""
+    if roots is None:
+        from blda.registry import dataset_roots   # here, not at the top: the registry imports the data code
+        roots = dataset_roots()
     path = Path(path) if path is not None else find_settings_file()
-    values, base = dict(DEFAULT_PATHS), Path.cwd()
+    defaults = {**roots, **DEFAULT_PATHS}
+    values, base = dict(defaults), Path.cwd()
     if path is not None:
         parser = configparser.ConfigParser()
         try: parser.read_string(Path(path).read_text())
         except (OSError, configparser.Error) as e: raise ValueError(f"cannot read settings file {path}: {e}") from None
         if parser.has_section('paths'):
-            unknown = set(parser['paths']) - set(DEFAULT_PATHS)
-            if unknown: raise ValueError(f"{path}: unknown key(s) {sorted(unknown)} in [paths]; known: {sorted(DEFAULT_PATHS)}")
+            unknown = set(parser['paths']) - set(defaults)
+            if unknown: raise ValueError(f"{path}: unknown key(s) {sorted(unknown)} in [paths]; known: {sorted(defaults)}")
             values.update({k: v.strip() for k, v in parser['paths'].items()})
         base = Path(path).resolve().parent
     resolve = lambda v: (base/Path(v).expanduser()).resolve() if v else None
-    return Settings(**{k: resolve(values[k]) for k in DEFAULT_PATHS}, source=Path(path).resolve() if path else None)
+    return Settings({k: resolve(values[k]) for k in roots}, resolve(values['results']), resolve(values['pretrained']),
+                    Path(path).resolve() if path else None)

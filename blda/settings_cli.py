@@ -16,11 +16,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--file', default=None, help='settings file (default: $BLDA_SETTINGS or the nearest settings.ini)')
 
 def run(args: argparse.Namespace) -> int:
-    from blda.cli import UserError
+    from blda.errors import UserError
     try: s = load_settings(args.file)
     except (ValueError, FileNotFoundError) as e: raise UserError(str(e)) from None
-    for f in fields(s):
-        value = getattr(s, f.name)
-        exists = '' if value is None or f.name == 'source' else ('' if value.exists() else '   (missing)')
-        print(f"{f.name:11s} {value}{exists}")
+    paths = {**s.roots, 'results': s.results, 'pretrained': s.pretrained}   # a root per registered dataset
+    for name, value in paths.items():
+        exists = '' if value is None or value.exists() else '   (missing)'
+        print(f"{name:11s} {value}{exists}")
+    print(f"{'source':11s} {s.source}")
     return 0

@@ -483,7 +483,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--print-config', action='store_true', help='print the resolved config as JSON and exit')
 
 def run(args: argparse.Namespace) -> int:
-    from blda.cli import UserError
+    from blda.errors import UserError
     override = {}
     if args.config:
         try: override = json.loads(Path(args.config).read_text())

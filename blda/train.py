@@ -4,7 +4,7 @@
 
 # %% ../nbs/31_train.ipynb #9a5c483a
 from __future__ import annotations
-import copy, dataclasses, datetime, errno, json, math, os, random, sys, time
+import contextlib, copy, dataclasses, datetime, errno, json, math, os, random, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -14,31 +14,28 @@ from torch import Tensor, nn
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
-from .classes import CITYSCAPES_CLASSES, SYNTHIA_16
-from .data import (RCSConfig, RareClassSampler, SegDataset, TOY_CROP, TOY_PSEUDO_MARGINS, TOY_RCS, UDADataset,
-                       cityscapes_dataset, gta_dataset, synthia_dataset)
+from .data import RareClassSampler, SegDataset, UDADataset
 from .evaluate import evaluate
 from .files import WriteError, atomic_write, atomic_write_text, first_sentence
 from .losses import BLDALoss
 from .models import ARCH_ALIASES, build_model, encoder_known, param_groups
 from .tracker import LogitTracker
-from .uda import HOSTS, Component, Host, PlainCriterion, StepConfig, Stopwatch, UDABatch, update_teacher, uda_step
-from .mic import MIC
-from .hrda import HRDA, MIC_HRDA
-from .cdac import CDAC
+from .uda import Component, Host, PlainCriterion, StepConfig, Stopwatch, UDABatch, update_teacher, uda_step
+from .hosts import HOSTS, resolve_host_options
+from .registry import BENCHMARKS, Benchmark
 
-HOSTS = HOSTS | {h.name: h for h in (MIC, HRDA, MIC_HRDA, CDAC)}   # blda.uda's hosts plus those built on later components (blda.mic, blda.hrda, blda.cdac)
+DATA_PRESETS = BENCHMARKS   # the benchmark registry (blda.registry), under the name the evaluation code reads
 
 # %% auto #0
-__all__ = ['HOSTS', 'DATA_CHOICES', 'PRECISIONS', 'RESUMABLE_CHANGES', 'DATA_PRESETS', 'TOY_HEIGHT', 'TIMING_KEYS', 'TrainConfig',
-           'DataPreset', 'resolve_host', 'Datasets', 'build_datasets', 'validation_set', 'SeededPairs', 'make_loader',
-           'lr_factor', 'TrainState', 'build_criterion', 'build_student', 'build_state', 'rng_state', 'set_rng_state',
-           'seed_everything', 'save_checkpoint', 'previous_checkpoint', 'CheckpointError', 'UnreadableCheckpoint',
-           'read_checkpoint', 'load_checkpoint', 'resume_checkpoint', 'rank_random_states', 'json_safe', 'write_log',
-           'read_log', 'retain_freed_memory', 'TrainResult', 'resolve_device', 'train']
+__all__ = ['DATA_PRESETS', 'PRECISIONS', 'RESUMABLE_CHANGES', 'TIMING_KEYS', 'TrainConfig', 'config_differences',
+           'benchmark_margins', 'resolve_host', 'Datasets', 'build_datasets', 'validation_set', 'SeededPairs',
+           'make_loader', 'lr_factor', 'TrainState', 'build_criterion', 'build_student', 'build_state', 'rng_state',
+           'set_rng_state', 'seed_everything', 'save_checkpoint', 'previous_checkpoint', 'CheckpointError',
+           'UnreadableCheckpoint', 'read_checkpoint', 'load_checkpoint', 'resume_checkpoint', 'rank_random_states',
+           'json_safe', 'write_log', 'read_log', 'retain_freed_memory', 'TrainResult', 'resolve_device',
+           'caller_random_state', 'train']
 
 # %% ../nbs/31_train.ipynb #0f247eaf
-DATA_CHOICES = ('gta2cs', 'synthia2cs', 'toy')
 PRECISIONS = ('bf16', 'fp32')
 # Fields that may change between a run and its resumption: they do not change the training computation
 # (evaluation runs under a forked random state and leaves the model as it was).
@@ -74,8 +71,9 @@ class TrainConfig:
     pseudo_threshold: float = 0.968
     fd_weight: float | None = None
     rcs: bool | None = None
+    host_options: dict = field(default_factory=dict)   # the host's own settings by name, e.g. {'mask_ratio': 0.5} (blda.hosts)
     # data
-    data: str = 'gta2cs'                    # 'gta2cs', 'synthia2cs' or 'toy'
+    data: str = 'gta2cs'                    # a benchmark of blda.registry: 'gta2cs', 'synthia2cs', 'toy', …
     source_root: str = ''
     target_root: str = ''
     crop_size: tuple[int, int] | None = None           # (h, w); None: 512×512 (toy: 128×128)
@@ -117,6 +115,8 @@ class TrainConfig:
                 fix(name, v)
         c = lambda ok, name, msg: _check_field(ok, name, msg, getattr(self, name))
         c(self.host in HOSTS, 'host', f"must be one of {sorted(HOSTS)}")
+        try: fix('host_options', resolve_host_options(HOSTS[self.host], self.host_options))
+        except ValueError as e: raise ValueError(f"TrainConfig.host_options: {e}") from None
         c(str(self.arch).lower() in ARCH_ALIASES, 'arch', "must be 'T' or 'C'")
         c(self.encoder is None or encoder_known(self.encoder), 'encoder',
           "is not an smp encoder (e.g. 'mit_b5', 'mit_b0', 'resnet101', 'resnet18', or a timm name as 'tu-resnet101c')")
@@ -133,7 +133,7 @@ class TrainConfig:
         c(self.alpha is None or 0 <= self.alpha < 1, 'alpha', "must be None or lie in [0, 1)")
         c(0 < self.pseudo_threshold <= 1, 'pseudo_threshold', "must lie in (0, 1]")
         c(self.fd_weight is None or self.fd_weight >= 0, 'fd_weight', "must be None or ≥ 0")
-        c(self.data in DATA_CHOICES, 'data', f"must be one of {DATA_CHOICES}")
+        c(self.data in BENCHMARKS, 'data', f"must be one of {sorted(BENCHMARKS)}")
         c(self.crop_size is None or min(self.crop_size) >= 1, 'crop_size', "must be None or two positive integers")
         c(self.rcs_min_pixels is None or self.rcs_min_pixels >= 1, 'rcs_min_pixels', "must be None or ≥ 1")
         c(self.pseudo_margins is None or min(self.pseudo_margins) >= 0, 'pseudo_margins', "must be None or four integers ≥ 0")
@@ -165,6 +165,12 @@ class TrainConfig:
         if unknown: raise ValueError(f"unknown TrainConfig field(s): {unknown}")
         return cls(**d)
 
+def config_differences(old: dict, new: dict) -> list[str]:
+    """The fields, outside `RESUMABLE_CHANGES`, in which two `TrainConfig.to_dict()`s (or their JSON) differ. A run
+    recorded before host options existed has none, which is what `host_options={}` means."""
+    old, new = {'host_options': {}, **old}, {'host_options': {}, **new}
+    return sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
+
 def _check_field(ok: bool, name: str, message: str, value) -> None:
     if not ok: raise ValueError(f"TrainConfig.{name} {message}, got {value!r}")
 
@@ -174,43 +180,32 @@ def _valid_device(device: str) -> bool:
     except (RuntimeError, TypeError): return False
 
 # %% ../nbs/31_train.ipynb #b181ca11
-@dataclass(frozen=True)
-class DataPreset:
-    "Sizes and sampling of one benchmark."
-    source: str                                # 'gta', 'synthia' or 'toy' (GTA layout)
-    source_scale: tuple[int, int] | None       # (w, h) to fit, keeping the aspect ratio; None = native
-    target_scale: tuple[int, int] | None
-    crop_size: tuple[int, int]
-    rcs: RCSConfig
-    eval_classes: tuple[int, ...] | None = None
-
-DATA_PRESETS = {'gta2cs': DataPreset('gta', (1280, 720), (1024, 512), (512, 512), RCSConfig()),
-                'synthia2cs': DataPreset('synthia', (1280, 760), (1024, 512), (512, 512), RCSConfig(), SYNTHIA_16),
-                'toy': DataPreset('toy', None, None, TOY_CROP, TOY_RCS)}
-TOY_HEIGHT = 128   # the default toy image height, for which TOY_PSEUDO_MARGINS are given
-
-def _toy_margins(target_root: Path) -> tuple[int, int, int, int]:
-    "TOY_PSEUDO_MARGINS scaled to the height of the toy's target images."
+def benchmark_margins(benchmark: Benchmark, target_root: Path) -> tuple[int, int, int, int]:
+    "The benchmark's own pseudo-label margins (the toy's), scaled to the height of its target images."
+    margins, height = benchmark.pseudo_margins, benchmark.margins_height
+    if height is None: return margins
+    pattern = benchmark.target.image_glob('train')
+    first = next(iter(sorted(Path(target_root).glob(pattern))), None)
+    if first is None: return margins   # no image: the dataset reports it
     from blda.convert import image_size
-    first = next(iter(sorted((target_root/'leftImg8bit'/'train').glob('*/*_leftImg8bit.png'))), None)
-    height = image_size(first)[1] if first is not None else TOY_HEIGHT
-    return tuple(int(round(m * height / TOY_HEIGHT)) for m in TOY_PSEUDO_MARGINS)
+    return tuple(int(round(m * image_size(first)[1] / height)) for m in margins)
 
 def resolve_host(config: TrainConfig, device: torch.device | None = None) -> tuple[Host, tuple | None]:
-    """The host with `config`'s overrides, and the v2 pseudo-label margins for the target loader (or None).
-    `device` decides bf16 autocast (CUDA only)."""
-    host = HOSTS[config.host]
+    """The host with `config`'s options and overrides, and the v2 pseudo-label margins for the target loader (or
+    None). `device` decides bf16 autocast (CUDA only)."""
+    host = HOSTS[config.host].with_options(**config.host_options)
     step = dataclasses.replace(host.step, pseudo_threshold=config.pseudo_threshold,
                                amp=config.precision == 'bf16' and device is not None and device.type == 'cuda')
     if config.alpha is not None: step = dataclasses.replace(step, alpha=config.alpha)
     margins = config.pseudo_margins
     host_margins = host.pseudo_margins   # v2 margins a host asks for, full-resolution pixels (HRDA)
-    if margins is None and config.data == 'toy' and (step.pseudo_crop_rows is not None or host_margins is not None):
-        margins = _toy_margins(Path(config.target_root))
+    benchmark = BENCHMARKS[config.data]
+    if margins is None and benchmark.pseudo_margins is not None and (step.pseudo_crop_rows is not None or host_margins is not None):
+        margins = benchmark_margins(benchmark, Path(config.target_root))
     if margins is None: margins = host_margins
     if margins is not None: step = dataclasses.replace(step, pseudo_crop_rows=None)
     host = dataclasses.replace(host, step=step)
-    if config.fd_weight is not None: host = dataclasses.replace(host, fd_weight=config.fd_weight)
+    if config.fd_weight is not None: host = host.with_fd_weight(config.fd_weight)
     if config.rcs is not None: host = dataclasses.replace(host, rare_class_sampling=config.rcs)
     if not step.target_branch: margins = None
     return host, margins
@@ -222,36 +217,36 @@ class Datasets:
     val: SegDataset        # target val, test scale, full-resolution labels
 
 def build_datasets(config: TrainConfig, host: Host, margins: tuple | None) -> Datasets:
-    "The training pairs and the evaluation set of `config.data`."
+    "The training pairs and the evaluation set of `config.data`, through the registry entries of its datasets."
     for name in ('source_root', 'target_root'):
         if not getattr(config, name): raise ValueError(f"TrainConfig.{name} is required (a prepared dataset folder)")
-    preset = DATA_PRESETS[config.data]
-    crop = config.crop_size or _scaled_size(preset.crop_size, host.data_scale)
+    benchmark = BENCHMARKS[config.data]
+    src, tgt = benchmark.source, benchmark.target
+    crop = config.crop_size or _scaled_size(benchmark.crop_size, host.data_scale)
     src_root, tgt_root = Path(config.source_root), Path(config.target_root)
-    make_source = synthia_dataset if preset.source == 'synthia' else gta_dataset
-    source_scale = _scaled_size(preset.source_scale, host.data_scale, src_root,
-                                'RGB/*.png' if preset.source == 'synthia' else 'images/*.png')
-    source = make_source(src_root, scale=source_scale, crop_size=crop)
-    target_scale = _scaled_size(preset.target_scale, host.data_scale, tgt_root, 'leftImg8bit/train/*/*_leftImg8bit.png')
-    target = cityscapes_dataset(tgt_root, 'train', scale=target_scale, crop_size=crop, pseudo_margins=margins,
-                                with_labels=False)   # unsupervised: the target's crops are drawn without its labels
+    source_scale = _scaled_size(src.scale, host.data_scale, src_root, src.image_glob('train'))
+    source = src.load(src_root, 'train', scale=source_scale, crop_size=crop)
+    target_scale = _scaled_size(tgt.scale, host.data_scale, tgt_root, tgt.image_glob('train'))
+    target = tgt.load(tgt_root, 'train', scale=target_scale, crop_size=crop, pseudo_margins=margins,
+                      with_labels=False)   # unsupervised: the target's crops are drawn without its labels
     rcs = None
     if host.rare_class_sampling:
-        rcs_cfg = preset.rcs if config.rcs_min_pixels is None else dataclasses.replace(preset.rcs, min_pixels=config.rcs_min_pixels)
+        rcs_cfg = benchmark.rcs if config.rcs_min_pixels is None else dataclasses.replace(benchmark.rcs, min_pixels=config.rcs_min_pixels)
         min_crop_ratio = host.rcs_min_crop_ratio   # a host's own ratio (HRDA: 2.0 for 4× the pixels)
         if min_crop_ratio is not None: rcs_cfg = dataclasses.replace(rcs_cfg, min_crop_ratio=min_crop_ratio)
-        rcs = RareClassSampler(src_root, rcs_cfg, 'synthia' if preset.source == 'synthia' else 'gta')
+        rcs = RareClassSampler(src_root, rcs_cfg, src.name)
     return Datasets(UDADataset(source, target, rcs), validation_set(config, host, tgt_root))
 
 def validation_set(config: TrainConfig, host: Host, target_root: Path | str | None = None) -> SegDataset:
     "The target val split at the test scale of `config.data` (× `host.data_scale`), with full-resolution labels."
     root = Path(target_root or config.target_root)
-    scale = _scaled_size(DATA_PRESETS[config.data].target_scale, host.data_scale, root, 'leftImg8bit/val/*/*_leftImg8bit.png')
-    return cityscapes_dataset(root, 'val', scale=scale, crop_size=None, flip_prob=0.0, label_at_full_res=True)
+    target = BENCHMARKS[config.data].target
+    scale = _scaled_size(target.scale, host.data_scale, root, target.image_glob('val'))
+    return target.load(root, 'val', scale=scale, crop_size=None, flip_prob=0.0, label_at_full_res=True)
 
 def _scaled_size(size: tuple[int, int] | None, data_scale: float, root: Path | None = None,
                  pattern: str = '') -> tuple[int, int] | None:
-    """A preset's `size` (w, h) × `data_scale`. A preset at native size (None: the toy) stays native at data_scale 1;
+    """A dataset's `size` (w, h) × `data_scale`. A dataset at native size (None: the toy) stays native at data_scale 1;
     otherwise it becomes the size of its first image (`root`/`pattern`) × `data_scale` (HRDA on the toy, see blda.hrda)."""
     if size is None and data_scale != 1 and root is not None:
         from blda.convert import image_size
@@ -435,7 +430,7 @@ def load_checkpoint(path: Path, state: TrainState, config: TrainConfig, rank: in
         raise CheckpointError(f"{path} was written by {saved} process(es) and this run has {world}: the data order and "
                          "random streams depend on it. Resume with the same number of processes, or use another output_dir")
     old, new = ckpt['config'], config.to_dict()
-    differ = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
+    differ = config_differences(old, new)
     if differ:
         raise CheckpointError(f"{path} was written with another config; differing field(s): "
                          + ', '.join(f"{k} ({old.get(k)!r} → {new.get(k)!r})" for k in differ)
@@ -525,7 +520,7 @@ def _evaluate(state: TrainState, datasets: Datasets, config: TrainConfig, host: 
     with torch.random.fork_rng(devices=devices):   # evaluation must not move the training streams
         tracker = state.criterion.tracker if config.eval_posthoc_tau is not None else None
         return evaluate(state.student, datasets.val, config.num_classes, config.eval_mode or host.eval_mode, tracker=tracker,
-                        posthoc_tau=config.eval_posthoc_tau, classes=DATA_PRESETS[config.data].eval_classes,
+                        posthoc_tau=config.eval_posthoc_tau, classes=BENCHMARKS[config.data].eval_classes,
                         device=device, amp=host.step.amp, max_images=config.eval_max_images)
 
 _FIND_UNUSED = False   # every pass of every host reaches every student parameter (see below)
@@ -577,16 +572,27 @@ def _join_processes(device: str) -> _Procs:
         dist.init_process_group('nccl' if d.type == 'cuda' else 'gloo', timeout=datetime.timedelta(hours=1))
     return _Procs(dist.get_rank(), dist.get_world_size(), d, not initialised)
 
+@contextlib.contextmanager
+def caller_random_state(device: torch.device):
+    """Python's, NumPy's and PyTorch's global random states (CPU, and `device` on CUDA) as they were before the
+    block, restored after it: the run seeds and checkpoints these streams, the caller gets its own back."""
+    python, numpy_state = random.getstate(), np.random.get_state()
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == 'cuda' else []
+    with torch.random.fork_rng(devices=devices):
+        try: yield
+        finally: random.setstate(python); np.random.set_state(numpy_state)
+
 def train(config: TrainConfig) -> TrainResult:
-    "Run (or resume) the experiment `config`, in one process or in each of a `torchrun` job's; see above."
+    """Run (or resume) the experiment `config`, in one process or in each of a `torchrun` job's; see above. The
+    caller's global random states are left as they were."""
     procs = _join_processes(config.device)
-    try: return _train(config, procs)
+    try:
+        with caller_random_state(procs.device): return _train(config, procs)
     finally:
         if procs.owns_group: dist.destroy_process_group()
 
 def _train(config: TrainConfig, procs: _Procs) -> TrainResult:
     device, lead = procs.device, procs.lead
-    if device.type == 'cpu': retain_freed_memory()
     out = Path(config.output_dir)
     host, margins = resolve_host(config, device)
     datasets = build_datasets(config, host, margins)

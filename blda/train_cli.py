@@ -7,13 +7,13 @@ from __future__ import annotations
 import argparse, dataclasses, inspect, io, json, os, re, time, tokenize, types, typing
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
-from .cli import UserError
-from .train import RESUMABLE_CHANGES, TrainConfig, json_safe
+from .errors import UserError
+from .config import as_option_message, option_name, resolve_config, run_name
+from .train import TrainConfig, config_differences, json_safe
 
 # %% auto #0
-__all__ = ['DATA_ROOTS', 'RESOLVED_AT_RUN', 'FieldOption', 'option_name', 'field_options', 'run_name', 'add_config_arguments',
-           'as_option_message', 'read_config_file', 'resolve_config', 'add_arguments', 'given_fields',
-           'check_resumable', 'run']
+__all__ = ['FieldOption', 'field_options', 'add_config_arguments', 'read_config_file', 'add_arguments', 'host_assignment',
+           'host_options_help', 'given_fields', 'check_resumable', 'run']
 
 # %% ../nbs/34_train_cli.ipynb #f730c18c
 class FieldOption(NamedTuple):
@@ -26,8 +26,6 @@ class FieldOption(NamedTuple):
     default: Any
     help: str             # the field's comment
     section: str          # the comment line above the field's group, e.g. 'data'
-
-def option_name(field: str) -> str: return '--' + field.replace('_', '-')
 
 class _Comments(NamedTuple):
     help: dict[str, str]       # field → its trailing comment
@@ -49,11 +47,13 @@ def _field_comments(cls: type) -> _Comments:
     return out
 
 def field_options(cls: type = TrainConfig) -> list[FieldOption]:
-    "One `FieldOption` per field of dataclass `cls`, in field order; raises `TypeError` for an unsupported annotation."
+    """One `FieldOption` per field of dataclass `cls`, in field order, except the nested ones (`dict`: the host's
+    options, which have their own option); raises `TypeError` for an unsupported annotation."""
     hints, comments = typing.get_type_hints(cls), _field_comments(cls)
     out = []
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
+        if tp is dict or typing.get_origin(tp) is dict: continue
         args = typing.get_args(tp) if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else (tp,)
         optional = type(None) in args
         rest = [a for a in args if a is not type(None)]
@@ -69,24 +69,19 @@ def field_options(cls: type = TrainConfig) -> list[FieldOption]:
     return out
 
 # %% ../nbs/34_train_cli.ipynb #aacc9aee
-DATA_ROOTS = {'gta2cs': ('gta', 'cityscapes'), 'synthia2cs': ('synthia', 'cityscapes'),
-              'toy': ('toy/source', 'toy/target')}   # settings.ini key[/sub-folder] of the source and the target
-RESOLVED_AT_RUN = {
-    'source_root': 'from settings.ini for --data: ' + ', '.join(f"{k} → {v[0]}" for k, v in DATA_ROOTS.items()),
-    'target_root': 'from settings.ini for --data: ' + ', '.join(f"{k} → {v[1]}" for k, v in DATA_ROOTS.items()),
-    'output_dir': "RESULTS/DATA-HOST[-blda]-ARCH-sSEED, RESULTS being settings.ini's results path",
-}
-
-def run_name(config: TrainConfig) -> str:
-    "The default run folder's name, e.g. 'gta2cs-mic-blda-T-s0'."
-    return f"{config.data}-{config.host}{'-blda' if config.blda else ''}-{config.arch}-s{config.seed}"
-
-def _settings_path(settings, spec: str) -> Path:
-    key, *sub = spec.split('/')
-    return getattr(settings, key).joinpath(*sub)
+def _resolved_at_run(name: str) -> str | None:
+    "The help of a default that is resolved when the command runs (from settings.ini and the dataset registry)."
+    from blda.registry import BENCHMARKS
+    side = {'source_root': 'source', 'target_root': 'target'}.get(name)
+    if side is not None:
+        return 'from settings.ini for --data: ' + ', '.join(f"{k} → {getattr(b, side).root or getattr(b, side).name}"
+                                                            for k, b in BENCHMARKS.items())
+    if name == 'output_dir': return "RESULTS/DATA-HOST[-blda]-ARCH-sSEED, RESULTS being settings.ini's results path"
+    return None
 
 def _format_default(o: FieldOption) -> str:
-    if o.name in RESOLVED_AT_RUN: return RESOLVED_AT_RUN[o.name]
+    resolved = _resolved_at_run(o.name)
+    if resolved is not None: return resolved
     if o.length is not None and o.default is not None: return ' '.join(map(str, o.default))
     return 'none' if o.default is None else str(o.default)
 
@@ -97,8 +92,10 @@ def _or_none(convert: Callable[[str], Any]) -> Callable[[str], Any]:
     parse.__name__ = convert.__name__
     return parse
 
-def add_config_arguments(parser: argparse.ArgumentParser, options: list[FieldOption] | None = None) -> None:
-    "One option per `TrainConfig` field (see above), in groups named after the sections of its source."
+def add_config_arguments(parser: argparse.ArgumentParser, options: list[FieldOption] | None = None,
+                         actions: dict[str, type[argparse.Action]] | None = None) -> None:
+    """One option per `TrainConfig` field (see above), in groups named after the sections of its source; `actions`:
+    the `argparse.Action` of some fields' options (the default: store the value)."""
     groups: dict[str, argparse._ArgumentGroup] = {}
     for o in options or field_options():
         if o.section not in groups: groups[o.section] = parser.add_argument_group(f"TrainConfig: {o.section or 'other'}")
@@ -108,14 +105,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, options: list[FieldOpt
         kw: dict[str, Any] = dict(dest=o.name, default=argparse.SUPPRESS, help=help_)
         if o.base is bool and o.length is None: group.add_argument(o.flag, action=argparse.BooleanOptionalAction, **kw)
         elif o.length is not None: group.add_argument(o.flag, nargs=o.length, type=o.base, metavar='N', **kw)
-        else: group.add_argument(o.flag, type=_or_none(o.base) if o.optional else o.base,
+        else: group.add_argument(o.flag, type=_or_none(o.base) if o.optional else o.base, action=(actions or {}).get(o.name),
                                  metavar=o.base.__name__.upper(), **kw)
 
 # %% ../nbs/34_train_cli.ipynb #753fcd49
-def as_option_message(message: str) -> str:
-    "'TrainConfig.crop_size must …' → '--crop-size must …'."
-    return re.sub(r'TrainConfig\.(\w+)', lambda m: option_name(m.group(1)), message)
-
 def read_config_file(path: Path | str) -> dict:
     "A JSON object of `TrainConfig` fields (e.g. a run's config.json)."
     try: values = json.loads(Path(path).read_text())
@@ -124,37 +117,49 @@ def read_config_file(path: Path | str) -> dict:
     if not isinstance(values, dict): raise UserError(f"--config {path} must hold a JSON object of TrainConfig fields")
     return values
 
-def resolve_config(given: dict, base: dict | None = None, settings=None) -> TrainConfig:
-    """`TrainConfig` from `base` (fields, e.g. a JSON file) overridden by `given` (the options on the
-    command line); empty roots and an absent output_dir are resolved from `settings` (default:
-    `blda.settings.load_settings()`)."""
-    values = {**(base or {}), **given}
-    try: config = TrainConfig.from_dict(values)
-    except ValueError as e: raise UserError(as_option_message(str(e))) from None
-    except TypeError as e: raise UserError(f"bad parameter value: {e}") from None
-    fill = {}
-    need = [n for n in ('source_root', 'target_root') if not getattr(config, n)]
-    if need or 'output_dir' not in values:
-        if settings is None:
-            from blda.settings import load_settings
-            try: settings = load_settings()
-            except (OSError, ValueError) as e: raise UserError(str(e)) from None
-        roots = dict(zip(('source_root', 'target_root'), DATA_ROOTS[config.data]))
-        fill = {n: str(_settings_path(settings, roots[n])) for n in need}
-        if 'output_dir' not in values: fill['output_dir'] = str(Path(settings.results)/run_name(config))
-    return dataclasses.replace(config, **fill)
-
 # %% ../nbs/34_train_cli.ipynb #1fd39920
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     "The options of `blda train`."
     parser.add_argument('--config', metavar='JSON', default=None,
                         help='a JSON file of TrainConfig fields (e.g. an earlier run\'s config.json); options override it')
     parser.add_argument('--print-config', action='store_true', help='print the resolved config as JSON and exit')
-    add_config_arguments(parser)
+    add_config_arguments(parser, actions={'host': _HostChoice})
+    parser.add_argument('--host-option', dest='host_options', action='append', type=host_assignment, default=argparse.SUPPRESS,
+                        metavar='NAME=VALUE', help="one of the host's options (repeatable); `--host H --help` lists H's")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter   # the epilog is a table: keep its lines
+    parser.epilog = host_options_help()
+
+def host_assignment(text: str) -> tuple[str, str]:
+    "'mask_ratio=0.5' → ('mask_ratio', '0.5'); the value is converted by `TrainConfig` (`blda.hosts`)."
+    name, eq, value = text.partition('=')
+    if not eq or not name.strip(): raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip(), value.strip()
+
+def host_options_help(host: str | None = None) -> str:
+    "The options of `host` (None: of every host that has some), with type, default and help, for `--help`."
+    from blda.hosts import HOSTS, option_specs
+    names = [host] if host in HOSTS else list(HOSTS)
+    lines = ["host options (--host-option NAME=VALUE; defaults are the official settings):"]
+    for name in names:
+        specs = option_specs(HOSTS[name])
+        if not specs and host is None: continue
+        lines.append(f"  --host {name}:" + ('' if specs else ' none'))
+        for s in specs.values():
+            text = _field_comments(s.part).help.get(s.name, '')
+            lines.append(f"    {s.name:22s} {s.type_name:12s} {s.default!r:10s} {text}".rstrip())
+    return '\n'.join(lines)
+
+class _HostChoice(argparse.Action):
+    "`--host H`: stores H, and makes `--help` (given after it) list H's options only."
+    def __call__(self, parser, namespace, value, option_string=None):
+        setattr(namespace, self.dest, value)
+        parser.epilog = host_options_help(value)
 
 def given_fields(args: argparse.Namespace) -> dict:
-    "The `TrainConfig` fields given on the command line."
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    "The `TrainConfig` fields given on the command line (`--host-option`s as the dict `host_options`)."
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    if 'host_options' in given: given['host_options'] = dict(given['host_options'])   # [(name, value), …] → dict
+    return given
 
 def check_resumable(config: TrainConfig) -> None:
     "A `UserError` when `config.output_dir` holds a checkpoint trained with other parameters and `resume` is on."
@@ -163,7 +168,7 @@ def check_resumable(config: TrainConfig) -> None:
     try: old = json.loads((out/'config.json').read_text())
     except (OSError, ValueError): return                    # train's own check reads the checkpoint itself
     new = json.loads(json.dumps(config.to_dict()))          # tuples → lists, as in the file
-    differ = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
+    differ = config_differences(old, new)
     if differ:
         raise UserError(f"{out} holds a run with other parameters ("
                         + ', '.join(f"{option_name(k)} {old.get(k)!r} → {new.get(k)!r}" for k in differ)
@@ -171,12 +176,13 @@ def check_resumable(config: TrainConfig) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from blda.models import EncoderWeightsError
-    from blda.train import CheckpointError, resolve_device, train
+    from blda.train import CheckpointError, resolve_device, retain_freed_memory, train
     config = resolve_config(given_fields(args), read_config_file(args.config) if args.config else None)
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=1)); return 0
-    try: resolve_device(config.device)
+    try: device = resolve_device(config.device)
     except ValueError as e: raise UserError(as_option_message(str(e))) from None
+    if device.type == 'cpu': retain_freed_memory()   # this process is the run's: keep freed memory (blda.train)
     if config.encoder_weights and not Path(config.encoder_weights).expanduser().is_file():
         raise UserError(f"--encoder-weights {config.encoder_weights}: no such file (weights are read from a local file, never downloaded)")
     check_resumable(config)

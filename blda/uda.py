@@ -6,7 +6,7 @@
 from __future__ import annotations
 import contextlib, copy, dataclasses, time
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, ClassVar, Protocol, Sequence, runtime_checkable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -18,9 +18,9 @@ from .selftrain import (FD_THING_CLASSES, MixedBatch, PseudoLabels, class_mix, c
                             disable_stochastic_layers, ema_update, feature_distance, pseudo_labels, strong_augment)
 
 # %% auto #0
-__all__ = ['SOURCE_ONLY', 'DACS', 'DAFORMER', 'HOSTS', 'StepConfig', 'UDABatch', 'Criterion', 'PlainCriterion', 'StepContext',
-           'Component', 'FeatureDistance', 'Stopwatch', 'upsample', 'update_teacher', 'teacher_pseudo_labels',
-           'StepResult', 'uda_step', 'Host']
+__all__ = ['SOURCE_ONLY', 'DACS', 'DAFORMER', 'StepConfig', 'UDABatch', 'Criterion', 'PlainCriterion', 'StepContext', 'Component',
+           'FeatureDistance', 'Stopwatch', 'upsample', 'update_teacher', 'teacher_pseudo_labels', 'StepResult',
+           'uda_step', 'DataSettings', 'HostPart', 'FeatureDistancePart', 'Host']
 
 # %% ../nbs/30_uda.ipynb #b0061509
 def _check(ok: bool, owner: str, name: str, message: str) -> None:
@@ -142,6 +142,11 @@ class Component(nn.Module):
     def after_source(self, ctx: StepContext) -> dict[str, Tensor]: return {}
     def after_mixed(self, ctx: StepContext) -> dict[str, Tensor]: return {}
     def extra_losses(self, ctx: StepContext) -> dict[str, Tensor]: return {}
+    def pass_losses(self, out, image: Tensor, labels: Tensor, is_target: Tensor, weight: Tensor | None,
+                    criterion: Criterion, prefix: str) -> dict[str, Tensor]:
+        """Terms this component adds to a further supervised pass of the student that another component runs
+        (MIC's masked pass: HRDA's detail loss), named `prefix_…`: none here."""
+        return {}
     def checkpoint_state(self) -> dict: return self.state_dict()
     def load_checkpoint_state(self, state: dict) -> None: self.load_state_dict(state)
 
@@ -331,33 +336,125 @@ def uda_step(student: nn.Module, teacher: nn.Module | None, batch: UDABatch, ite
 
 # %% ../nbs/30_uda.ipynb #9774142b
 @dataclass(frozen=True)
+class DataSettings:
+    "What a host changes on the data side besides rare-class sampling (the defaults: the DAFormer family's)."
+    data_scale: float = 1.0                     # × the benchmark's resize and crop sizes (HRDA: 2)
+    pseudo_margins: tuple[int, int, int, int] | None = None   # v2 PL margins (top, bottom, left, right), full res; HRDA (30, 240, 30, 30)
+    rcs_min_crop_ratio: float | None = None     # None: the benchmark's (0.5); HRDA 2.0
+    eval_mode: str = 'whole'                    # 'whole' (DAFormer family) or 'slide' (HRDA)
+
+@dataclass(frozen=True)
+class HostPart:
+    """One addition of a host to the shared step. Subclasses are frozen dataclasses whose fields are their
+    hyperparameters, the host's options (unless `has_options` is False), and override the hooks they need."""
+    has_options: ClassVar[bool] = True
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        "The student around `model` (the plain segmentor, or what the parts before this one made of it): `model` here."
+        return model
+
+    def components(self, initial_model: nn.Module, num_classes: int, built: Sequence[Component]) -> list[Component]:
+        "The components this part adds after `built`, those of the parts before it: none here."
+        return []
+
+    def data_settings(self, data: DataSettings) -> DataSettings:
+        "`data` as this part changes it: unchanged here."
+        return data
+
+    def option_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(self)) if self.has_options else ()
+
+@dataclass(frozen=True)
+class FeatureDistancePart(HostPart):
+    "DAFormer's thing-class ImageNet feature distance (λ 0.005); its weight is `TrainConfig.fd_weight`, not a host option."
+    has_options: ClassVar[bool] = False
+    weight: float = 0.005
+    classes: tuple[int, ...] | None = FD_THING_CLASSES
+    min_ratio: float = 0.75
+
+    def components(self, initial_model: nn.Module, num_classes: int, built: Sequence[Component]) -> list[Component]:
+        if self.weight == 0: return []
+        return [FeatureDistance(initial_model, self.weight, self.classes, self.min_ratio, num_classes)]
+
+@dataclass(frozen=True)
 class Host:
-    "A UDA method as settings of the shared step plus its additions."
+    "A UDA method: the shared step's settings, rare-class sampling, and its parts, in the order their components run."
     name: str
     step: StepConfig
     rare_class_sampling: bool = False           # data side: RCS of the source images (blda.data.RareClassSampler)
-    fd_weight: float = 0.0                      # λ of the thing-class ImageNet feature distance (0 = off)
-    fd_classes: tuple[int, ...] | None = FD_THING_CLASSES
-    fd_min_ratio: float = 0.75
-    data_scale: float = 1.0                     # HRDA: 2 (images resized and cropped at twice the data preset's sizes)
-    pseudo_margins: tuple[int, int, int, int] | None = None   # v2 PL margins (top, bottom, left, right), full res; HRDA (30, 240, 30, 30)
-    rcs_min_crop_ratio: float | None = None     # None: the data preset's (0.5); HRDA 2.0
-    eval_mode: str = 'whole'                    # 'whole' (DAFormer family) or 'slide' (HRDA)
+    parts: tuple[HostPart, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, 'parts', tuple(self.parts))
+        owner: dict[str, HostPart] = {}
+        for part in self.parts:
+            for name in part.option_names():
+                if name in owner:
+                    raise ValueError(f"host {self.name!r}: {type(owner[name]).__name__} and {type(part).__name__} "
+                                     f"both have an option {name!r}")
+                owner[name] = part
+
+    def plus(self, *parts: HostPart, **changes) -> 'Host':
+        "This recipe with `parts` added after its own, and `changes` to its other fields (its `name`, its `step`)."
+        return dataclasses.replace(self, parts=self.parts + parts, **changes)
+
+    @property
+    def data(self) -> DataSettings:
+        "The data settings, as the parts change them in turn."
+        data = DataSettings()
+        for part in self.parts: data = part.data_settings(data)
+        return data
+
+    @property
+    def data_scale(self) -> float: return self.data.data_scale
+    @property
+    def pseudo_margins(self) -> tuple[int, int, int, int] | None: return self.data.pseudo_margins
+    @property
+    def rcs_min_crop_ratio(self) -> float | None: return self.data.rcs_min_crop_ratio
+    @property
+    def eval_mode(self) -> str: return self.data.eval_mode
+
+    @property
+    def fd_weight(self) -> float:
+        "λ of the feature distance (0: none)."
+        fd = next((p for p in self.parts if isinstance(p, FeatureDistancePart)), None)
+        return fd.weight if fd is not None else 0.0
+
+    def with_fd_weight(self, weight: float) -> 'Host':
+        "The host with feature-distance weight `weight`: its part changed, or a part added first (its loss comes first)."
+        if weight < 0: raise ValueError(f"the feature-distance weight must be ≥ 0, got {weight}")
+        if any(isinstance(p, FeatureDistancePart) for p in self.parts):
+            parts = tuple(dataclasses.replace(p, weight=weight) if isinstance(p, FeatureDistancePart) else p for p in self.parts)
+        else: parts = (FeatureDistancePart(weight),) + self.parts
+        return dataclasses.replace(self, parts=parts)
+
+    def options(self) -> dict[str, Any]:
+        "The host's options (its parts' hyperparameters) and their values, in part order."
+        return {name: getattr(p, name) for p in self.parts for name in p.option_names()}
+
+    def with_options(self, **values) -> 'Host':
+        """The host with some options changed; each part checks its new values. `ValueError` for a name that is
+        not an option of this host, naming its options."""
+        unknown = sorted(set(values) - set(self.options()))
+        if unknown:
+            raise ValueError(f"host {self.name!r} has no option(s) {unknown}; its options: {', '.join(self.options()) or 'none'}")
+        parts = tuple(dataclasses.replace(p, **{k: v for k, v in values.items() if k in p.option_names()})
+                      if set(values) & set(p.option_names()) else p for p in self.parts)
+        return dataclasses.replace(self, parts=parts)
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
-        """The student the step trains, built around the plain segmentor `model` (e.g. HRDA's multi-resolution
-        fusion, CDAC's attention streams): the identity here. It must return `SegOutput`s, like `model`."""
+        """The student the step trains, built around the plain segmentor `model` by the parts in turn (e.g. HRDA's
+        multi-resolution fusion, CDAC's attention streams). It must return `SegOutput`s, like `model`."""
+        for part in self.parts: model = part.wrap_model(model)
         return model
 
     def build_components(self, initial_model: nn.Module, num_classes: int = 19) -> list[Component]:
-        "The host's components; `initial_model` is the student before training (FD's frozen reference)."
+        "The parts' components in order; `initial_model` is the student before training (FD's frozen reference)."
         comps: list[Component] = []
-        if self.fd_weight > 0:
-            comps.append(FeatureDistance(initial_model, self.fd_weight, self.fd_classes, self.fd_min_ratio, num_classes))
+        for part in self.parts: comps += part.components(initial_model, num_classes, tuple(comps))
         return comps
 
 SOURCE_ONLY = Host('source_only', StepConfig(target_branch=False))
 DACS = Host('dacs', StepConfig(alpha=0.99))
-DAFORMER = dataclasses.replace(DACS, name='daformer', step=dataclasses.replace(DACS.step, alpha=0.999, pseudo_crop_rows=(15, 120)),
-                               rare_class_sampling=True, fd_weight=0.005)
-HOSTS: dict[str, Host] = {h.name: h for h in (SOURCE_ONLY, DACS, DAFORMER)}
+DAFORMER = DACS.plus(FeatureDistancePart(0.005), name='daformer', rare_class_sampling=True,
+                     step=dataclasses.replace(DACS.step, alpha=0.999, pseudo_crop_rows=(15, 120)))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from segmentation_models_pytorch.encoders.mix_transformer import Attention as MiTAttention
 
-from blda.cdac import (CDAC, QUERY_KEY, STREAMS, AttentionMap, CDACHost, CrossDomainAttention,
+from blda.cdac import (CDAC, QUERY_KEY, STREAMS, AttentionMap, CDACPart, CrossDomainAttention,
                        CrossDomainConsistency, CrossDomainSegmentor, StreamPlan, attention_consistency, token_domain)
 from blda.losses import BLDALoss
 from blda.models import build_model
@@ -269,7 +269,7 @@ def test_switches_and_weights():
     assert torch.equal(weighted.losses['mix_ce'], 0.25 * full.losses['mix_ce'])
     for bad in (dict(t2s_weight=-1.0), dict(attention_weight=-0.1)):
         with pytest.raises(ValueError, match='CrossDomainConsistency'): CrossDomainConsistency(**bad)
-        with pytest.raises(ValueError, match='CDACHost'): dataclasses.replace(CDAC, **bad)
+        with pytest.raises(ValueError, match='CDACPart'): CDAC.with_options(**bad)
     for bad in ('source_weight', 'mixed_weight'):
         with pytest.raises(ValueError, match=f'StepConfig.{bad}'): StepConfig(**{bad: -1.0})
     unwrapped = small_model()
@@ -279,7 +279,7 @@ def test_switches_and_weights():
 def test_streams_off_reproduces_the_daformer_host_exactly():
     """CDAC with its streams and attention loss off and the step weights at 1 is DAFormer: the same losses,
     gradients and tracker, bit for bit, although its student is the wrapped segmentor."""
-    host = dataclasses.replace(CDAC, cross_streams=False, attention_weight=0.0, step=DAFORMER.step)
+    host = dataclasses.replace(CDAC.with_options(cross_streams=False, attention_weight=0.0), step=DAFORMER.step)
     batch = make_batch(seed=3)
     batch.source_label[0] = 13                                                 # a thing cell for the feature distance
     runs = []
@@ -305,15 +305,16 @@ def test_streams_off_reproduces_the_daformer_host_exactly():
 
 # ------------------------------------------------------------------------------------------ the host and training
 def test_host_is_daformer_plus_cdac_and_registered(toy):
-    assert HOSTS['cdac'] is CDAC and isinstance(CDAC, CDACHost)
+    assert HOSTS['cdac'] is CDAC and CDAC.parts == DAFORMER.parts + (CDACPart(),)
     assert dataclasses.replace(CDAC.step, source_weight=1.0, mixed_weight=1.0) == DAFORMER.step
-    assert (CDAC.step.source_weight, CDAC.step.mixed_weight, CDAC.t2s_weight, CDAC.s2t_weight) == (0.5,) * 4
-    assert (CDAC.attention_weight, CDAC.detach_queries, CDAC.attention_same_domain, CDAC.cross_streams) == (1.0, True, True, True)
+    o = CDAC.options()
+    assert (CDAC.step.source_weight, CDAC.step.mixed_weight, o['t2s_weight'], o['s2t_weight']) == (0.5,) * 4
+    assert (o['attention_weight'], o['detach_queries'], o['attention_same_domain'], o['cross_streams']) == (1.0, True, True, True)
     assert (CDAC.fd_weight, CDAC.rare_class_sampling, CDAC.step.alpha, CDAC.step.pseudo_crop_rows) == (0.005, True, 0.999, (15, 120))
     cfg = TrainConfig(host='cdac', encoder='mit_b0', fd_weight=0.0, alpha=0.9, data='toy',
                       source_root=str(toy/'source'), target_root=str(toy/'target'))
     host, _ = resolve_host(cfg)
-    assert isinstance(host, CDACHost) and host.fd_weight == 0 and host.step.alpha == 0.9 and host.step.source_weight == 0.5
+    assert CDACPart() in host.parts and host.fd_weight == 0 and host.step.alpha == 0.9 and host.step.source_weight == 0.5
     assert [type(c).__name__ for c in host.build_components(build_student(cfg, host))] == ['CrossDomainConsistency']
     with pytest.raises(ValueError, match='MiT encoder'):
         build_student(dataclasses.replace(cfg, arch='C', encoder='resnet18'), host)

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from conftest import disk_full
-from blda.cli import UserError, main
+from blda.cli import main
+from blda.errors import UserError
 from blda.convert import (CITYSCAPES_ID_TO_TRAIN_ID, SYNTHIA_ID_TO_TRAIN_ID, class_stats_files, prepare)
 
 # ------------------------------------------------------------------------------------------ fixtures

@@ -10,13 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from blda.cli import main
-from blda.hrda import (HRDA, CropBox, DetailLoss, HRDAHost, HRDAOutput, HRDASegmentor, fuse, random_detail_box,
+from blda.hrda import (HRDA, CropBox, DetailLoss, HRDAOutput, HRDAPart, HRDASegmentor, fuse, random_detail_box,
                        scale_attention_head)
 from blda.losses import BLDALoss
 from blda.models import build_model
 from blda.selftrain import MixedBatch, disable_stochastic_layers
 from blda.tracker import LogitTracker
-from blda.train import HOSTS, TrainConfig, _toy_margins, build_datasets, resolve_host
+from blda.registry import BENCHMARKS
+from blda.train import HOSTS, TrainConfig, benchmark_margins, build_datasets, resolve_host
 from blda.uda import PlainCriterion, StepConfig, StepContext, UDABatch, uda_step, update_teacher, upsample
 
 def up(t, size):
@@ -212,20 +213,21 @@ def test_blda_tracker_sees_only_the_fused_logits(seg):
 
 # ------------------------------------------------------------------------------------------ the host and its data
 def test_host_recipe_and_data(toy):
-    assert HOSTS['hrda'] is HRDA and isinstance(HRDA, HRDAHost)
+    assert HOSTS['hrda'] is HRDA and isinstance(HRDA.parts[-1], HRDAPart)
     assert (HRDA.data_scale, HRDA.eval_mode, HRDA.step.alpha, HRDA.fd_weight, HRDA.rare_class_sampling) == (2.0, 'slide', 0.999, 0.005, True)
-    assert (HRDA.lr_scale, HRDA.detail_ratio, HRDA.crop_divisible, HRDA.detail_weight) == (0.5, 0.5, 8, 0.1)
+    options = HRDA.options()
+    assert (options['lr_scale'], options['detail_ratio'], options['crop_divisible'], options['detail_weight']) == (0.5, 0.5, 8, 0.1)
     assert (HRDA.pseudo_margins, HRDA.rcs_min_crop_ratio, HRDA.step.pseudo_crop_rows) == ((30, 240, 30, 30), 2.0, None)
-    for bad in (dict(detail_weight=1.0), dict(pseudo_margins=(1, 2)), dict(rcs_min_crop_ratio=-1.0)):
-        with pytest.raises(ValueError, match='HRDAHost'): dataclasses.replace(HRDA, **bad)
+    for bad in (dict(detail_weight=1.0), dict(data_scale=0.0), dict(rcs_min_crop_ratio=-1.0)):
+        with pytest.raises(ValueError, match='HRDAPart'): HRDA.with_options(**bad)
     # v2 margins: HRDA's on real data, the toy's on the toy, an explicit value wins
     host, margins = resolve_host(TrainConfig(host='hrda', data='gta2cs'))
-    assert isinstance(host, HRDAHost) and margins == (30, 240, 30, 30) and host.step.pseudo_crop_rows is None
+    assert host.data_scale == 2.0 and margins == (30, 240, 30, 30) and host.step.pseudo_crop_rows is None
     assert resolve_host(TrainConfig(host='hrda', data='gta2cs', pseudo_margins=(1, 2, 3, 4)))[1] == (1, 2, 3, 4)
     assert resolve_host(TrainConfig(host='daformer', data='gta2cs'))[1] is None
     toy_cfg = TrainConfig(host='hrda', data='toy', source_root=str(toy/'source'), target_root=str(toy/'target'), rcs_min_pixels=10)
     host, margins = resolve_host(toy_cfg)
-    assert margins == _toy_margins(toy/'target')
+    assert margins == benchmark_margins(BENCHMARKS['toy'], toy/'target')
     # the toy at ×2: images upsampled (native 64×32 → 128×64), crops 2 × 128, RCS ratio 2.0, test labels native
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
@@ -291,10 +293,10 @@ def test_hrda_resume_is_bit_exact(toy, tmp_path):
 def test_mic_hrda_trains_with_finite_losses(toy, tmp_path):
     "The poster's MIC row: HRDA's student and detail terms, MIC's masked pass (with its own detail terms), + BLDA."
     from blda.hrda import MIC_HRDA
-    assert HOSTS['mic_hrda'] is MIC_HRDA and MIC_HRDA.data_scale == 2.0 and MIC_HRDA.mic_ratio == 0.7
+    assert HOSTS['mic_hrda'] is MIC_HRDA and MIC_HRDA.data_scale == 2.0 and MIC_HRDA.options()['mask_ratio'] == 0.7
     res = train_quietly(config(toy, tmp_path, host='mic_hrda', blda=True, iterations=8, eval_interval=8))
     log = [r for r in res.log if r['kind'] == 'train']
     assert len(log) == 8 and all(math.isfinite(v) for r in log for v in r.values() if isinstance(v, float))
     assert all({'mic', 'mix_detail', 'src_detail'} <= set(r) for r in log)
-    assert [type(c).__name__ for c in res.state.components] == ['FeatureDistance', 'DetailLoss', 'HRDAMaskedConsistency']
+    assert [type(c).__name__ for c in res.state.components] == ['FeatureDistance', 'DetailLoss', 'MaskedConsistency']
     assert isinstance(res.state.student, HRDASegmentor) and res.final_eval is not None

@@ -9,7 +9,7 @@ import torch
 
 import blda.mic
 from blda.losses import BLDALoss
-from blda.mic import (DAFORMER, MIC, MaskedConsistency, MICHost, masked_target, mic_block_size,
+from blda.mic import (DAFORMER, MIC, MaskedConsistency, MICPart, masked_target, mic_block_size,
                       without_tracker_update)
 from blda.models import build_model
 from blda.tracker import LogitTracker
@@ -95,14 +95,14 @@ def test_weight_scales_the_loss():
 
 # ------------------------------------------------------------------------------------------ the host
 def test_mic_host_is_daformer_plus_component():
-    assert HOSTS['mic'] is MIC and isinstance(MIC, MICHost)
+    assert HOSTS['mic'] is MIC and MIC.parts == DAFORMER.parts + (MICPart(),)
     assert MIC.step == DAFORMER.step and (MIC.fd_weight, MIC.rare_class_sampling) == (DAFORMER.fd_weight, True)
-    assert (MIC.mic_block_size, MIC.mic_ratio, MIC.mic_weight, MIC.mic_augment) == (None, 0.7, 1.0, True)
+    assert MIC.options() == dict(mask_block_size=None, mask_ratio=0.7, mic_weight=1.0, mask_augment=True)
     host, _ = resolve_host(TrainConfig(host='mic', fd_weight=0.0, alpha=0.9))
-    assert isinstance(host, MICHost) and host.fd_weight == 0 and host.step.alpha == 0.9
+    assert MICPart() in host.parts and host.fd_weight == 0 and host.step.alpha == 0.9
     comps = host.build_components(build_model('T', 19, 'mit_b0'))
     assert [type(c) for c in comps] == [MaskedConsistency]
-    comps = dataclasses.replace(MIC, mic_block_size=16, mic_ratio=0.5).build_components(build_model('T', 19, 'mit_b0'))
+    comps = MIC.with_options(mask_block_size=16, mask_ratio=0.5).build_components(build_model('T', 19, 'mit_b0'))
     assert (comps[-1].block_size, comps[-1].ratio) == (16, 0.5)
 
 @pytest.mark.parametrize('blda', [False, True], ids=['plain', 'blda'])

@@ -7,7 +7,8 @@ import pytest
 from blda.cli import build_parser, main
 from blda.settings import load_settings
 from blda.train import TrainConfig
-from blda.train_cli import field_options, given_fields, resolve_config
+from blda.config import resolve_config
+from blda.train_cli import field_options, given_fields
 
 BLDA = str(Path(sys.executable).parent/'blda')
 NON_FIELDS = {'help', 'config', 'print_config'}

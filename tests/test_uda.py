@@ -9,7 +9,8 @@ from blda.losses import BLDALoss
 from blda.models import build_model
 from blda.selftrain import classmix_masks
 from blda.tracker import LogitTracker
-from blda.uda import (DACS, DAFORMER, HOSTS, SOURCE_ONLY, Component, Criterion, FeatureDistance, PlainCriterion,
+from blda.hosts import HOSTS
+from blda.uda import (DACS, DAFORMER, SOURCE_ONLY, Component, Criterion, FeatureDistance, PlainCriterion,
                       StepConfig, UDABatch, teacher_pseudo_labels, uda_step, update_teacher, upsample)
 
 H = W = 32
@@ -38,7 +39,7 @@ def test_reference_defaults_and_hosts():
     s = StepConfig()
     assert (s.mix_classes, s.jitter_fires, s.ema_buffers, s.teacher_mode, s.pseudo_weighting) == \
         ('batch', 'above', False, 'train', 'batch_fraction')
-    assert set(HOSTS) == {'source_only', 'dacs', 'daformer'}
+    assert {'source_only', 'dacs', 'daformer'} <= set(HOSTS) and all(HOSTS[h.name] is h for h in (SOURCE_ONLY, DACS, DAFORMER))
     assert not SOURCE_ONLY.step.target_branch and DACS.step.alpha == 0.99
     assert (DAFORMER.step.alpha, DAFORMER.step.pseudo_crop_rows, DAFORMER.fd_weight, DAFORMER.rare_class_sampling) == \
         (0.999, (15, 120), 0.005, True)

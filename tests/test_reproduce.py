@@ -172,3 +172,20 @@ def test_out_outside_the_repository_finds_the_data_and_records_provenance(toy, t
         assert (out/'table.md').read_text().rstrip().splitlines()[-1].startswith('Runs from commit(s)')
         p = subprocess.run(argv, cwd=project, env=env, capture_output=True, text=True, timeout=900)
         assert p.returncode == 0 and '1 finished, 0 to run' in p.stdout, p.stdout + p.stderr
+
+
+def test_standin_placeholder_is_built_once_and_loaded(toy, tmp_path):
+    "A row with encoder_weights '{toy_standin}': the stand-in is pretrained under the toy folder before the runs, then reused."
+    env = settings_env(tmp_path)
+    spec = tmp_path/'standin.yaml'
+    spec.write_text("name: standin\nstandin: {iterations: 2, batch_size: 2, image_size: 32}\n"
+                    "defaults: {data: toy, encoder: mit_b0, encoder_weights: '{toy_standin}', iterations: 2, log_interval: 1,\n"
+                    "           checkpoint_interval: 0, eval_max_images: 2, examples: 1}\n"
+                    "rows:\n  - {name: source_only, params: {host: source_only}}\n")
+    p = reproduce(env, str(spec), *small_set(toy))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "pretraining the toy's ImageNet stand-in (mit_b0, 2 steps)" in p.stdout
+    weights = json.loads((tmp_path/'results'/'standin'/'source_only'/'s0'/'config.json').read_text())['encoder_weights']
+    assert Path(weights).is_file() and Path(weights).parent == tmp_path/'no-toy'/'pretrained'
+    p = reproduce(env, str(spec), '--seeds', '1', *small_set(toy))          # a new run: the cached stand-in, not rebuilt
+    assert p.returncode == 0 and 'pretraining' not in p.stdout, p.stdout + p.stderr

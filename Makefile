@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export MPLBACKEND := Agg
 export PYTHONHASHSEED := 0
 
-.PHONY: venv table demo test export nbtest pytest benchmark gpu-check docs clean
+.PHONY: venv table demo lab test export nbtest pytest benchmark gpu-check docs clean
 
 JOBS ?= 2
 
@@ -30,6 +30,11 @@ table: venv
 
 demo: venv
 	$(BIN)/blda demo
+
+# JupyterLab on nbs/, the notebooks in reading order; their kernel ("Python 3") is this project's .venv.
+# Prints the address with its token; Ctrl-C stops it. LAB_ARGS passes more options (e.g. --no-browser --port 8890).
+lab: venv
+	$(BIN)/jupyter lab --notebook-dir=nbs $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 test: venv
 	@$(MAKE) --no-print-directory export nbtest pytest

@@ -16,7 +16,7 @@ __all__ = ['balanced_cross_entropy', 'cdf_regression_loss', 'LossTerms', 'BLDALo
 # %% ../nbs/04_losses.ipynb #1cdd50e4
 def _reduce(per_pixel: Tensor, valid: Tensor, average: str) -> Tensor:
     # 'all' is mmseg's weight_reduce_loss without avg_factor: ignored pixels count in the denominator
-    # (baselines.md §1.2). 'valid' divides by the labelled pixels only.
+    # (mmseg/models/losses/utils.py, as vendored by lhoyer/DAFormer). 'valid' divides by the labelled pixels only.
     if average == 'all': return per_pixel.mean()
     if average == 'valid': return per_pixel.sum() / valid.sum().clamp_min(1)
     raise ValueError(f"average must be 'all' or 'valid', got {average!r}")
@@ -44,7 +44,8 @@ def cdf_regression_loss(pred: Tensor, target_cdf: Tensor, weight: Tensor | None 
 
     `pred`: `(B, 1, H, W)` or `(B, H, W)`; `target_cdf`, `weight`, `valid`: `(B, H, W)`. The channel axis is
     removed before weighting: the official code multiplied a `(B, 1, H, W)` error by a `(B, H, W)` weight,
-    which broadcasts to `(B, B, H, W)` and mixes the weights of different images (`method.md` §5.3.2)."""
+    which broadcasts to `(B, B, H, W)` and mixes the weights of different images (`CrossEntropyLoss_GMM.forward`
+    in Woof6/BLDA; harmless there only because the released config sets the loss weight `t2=0`)."""
     if pred.dim() == 4:
         if pred.shape[1] != 1: raise ValueError(f"pred must have one channel, got {tuple(pred.shape)}")
         pred = pred[:, 0]

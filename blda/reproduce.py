@@ -195,8 +195,8 @@ class RunOutcome(NamedTuple):
 def notebook_parameters(params: dict, notebook: Path) -> dict:
     """`params` as the notebook takes them: those of its parameters cell by name, every other `TrainConfig`
     field inside its `config_overrides` dict. A `TrainConfig` field of the parameters cell that `params` leaves
-    out gets `TrainConfig`'s default, not the notebook's (which is a small toy run for readers): a row means
-    the same as `blda train` with the same options."""
+    out gets `TrainConfig`'s default, which is also the value the cell shows (`tests/test_experiment_notebook.py`):
+    a row means the same as `blda train` with the same options, and as a hand run of the notebook."""
     import papermill as pm
     from blda.train import TrainConfig
     names = set(pm.inspect_notebook(str(notebook)))

@@ -56,7 +56,7 @@ class TrainConfig:
     encoder_weights: str | None = None      # local state-dict path; None: random initialisation
     embed_dim: int = 256                    # width of the DAFormer head (T); the toy table uses 64 to fit a CPU
     num_classes: int = 19
-    # BLDA (method.md §2)
+    # BLDA (the paper's values; also CrossEntropyLoss_GMM's defaults in Woof6/BLDA)
     tau: float = 0.1
     cdf_weight: float = 0.2
     mixed_tau: float | None = None          # τ of the mixed batch's CE; None: tau (0: the source CE alone is adjusted, OLA_S)
@@ -81,7 +81,7 @@ class TrainConfig:
     pseudo_margins: tuple[int, int, int, int] | None = None   # v2 PL margins (top, bottom, left, right); None: host/data
     batch_size: int = 2                     # per process (torchrun: batch_size × WORLD_SIZE pairs per iteration)
     num_workers: int = 0
-    # optimisation (baselines.md §1.3)
+    # optimisation (lhoyer/DAFormer: schedules/adamw.py, poly10warm.py)
     iterations: int = 40000
     lr: float = 6e-5
     weight_decay: float = 0.01

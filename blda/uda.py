@@ -28,21 +28,21 @@ def _check(ok: bool, owner: str, name: str, message: str) -> None:
 
 @dataclass(frozen=True)
 class StepConfig:
-    "What one self-training iteration does. Defaults: DACS inside the DAFormer framework (`baselines.md` §2.1)."
+    "What one self-training iteration does. Defaults: DACS inside the DAFormer framework (lhoyer/DAFormer `configs/_base_/uda/dacs.py`)."
     target_branch: bool = True              # False: source-only (no teacher, no mixed batch)
     alpha: float = 0.99                     # EMA cap: 0.99 DACS, 0.999 DAFormer/HRDA/MIC
-    ema_buffers: bool = False               # quirk §1.1: parameters only
-    teacher_mode: str = 'train'             # quirk §1.1: teacher BN in train mode, Dropout/DropPath off
+    ema_buffers: bool = False               # quirk (dacs.py _update_ema): parameters only
+    teacher_mode: str = 'train'             # quirk (dacs.py): teacher BN in train mode, Dropout/DropPath off
     pseudo_threshold: float = 0.968
-    pseudo_weighting: str = 'batch_fraction'   # quirk §1.1: one weight per batch
+    pseudo_weighting: str = 'batch_fraction'   # quirk (dacs.py): one weight per batch
     pseudo_crop_rows: tuple[int, int] | None = None   # v1 PL crop (top, bottom) rows; DAFormer (15, 120)
-    mix_classes: str = 'batch'              # quirk §1.2: batch-level ClassMix candidates
-    mix_exclude_ignore: bool = False        # quirk §1.2: 255 stays a candidate
+    mix_classes: str = 'batch'              # quirk (get_class_masks): batch-level ClassMix candidates
+    mix_exclude_ignore: bool = False        # quirk (get_class_masks): 255 stays a candidate
     jitter_strength: float = 0.2
     jitter_p: float = 0.2
-    jitter_fires: str = 'above'             # quirk §1.2: fires at 1 − p
+    jitter_fires: str = 'above'             # quirk (dacs_transforms.color_jitter): fires at 1 − p
     blur: bool = True
-    source_weight: float = 1.0              # scales the criterion's source terms (CDAC: 0.5, baselines.md §2.5)
+    source_weight: float = 1.0              # scales the criterion's source terms (CDAC: 0.5, its cda_*_lambda)
     mixed_weight: float = 1.0               # scales the criterion's mixed terms (CDAC: 0.5)
     amp: bool = False                       # bf16 autocast of the forward passes (the loop sets it on CUDA only)
 
@@ -303,7 +303,7 @@ def uda_step(student: nn.Module, teacher: nn.Module | None, batch: UDABatch, ite
         return StepResult(losses)
     if teacher is None: raise ValueError("a host with a target branch needs a teacher")
 
-    # 2. pseudo-labels, ClassMix, strong augmentation (baselines.md §1.1 steps 4-7)
+    # 2. pseudo-labels, ClassMix, strong augmentation (as DAFormer's DACS.forward_train)
     ctx.pseudo = teacher_pseudo_labels(teacher, batch.target_image, config, batch.target_valid)
     is_source = classmix_masks(batch.source_label, config.mix_classes, config.mix_exclude_ignore, generator=generator)
     ctx.mixed = class_mix(is_source, batch.source_image, batch.target_image, batch.source_label,

@@ -67,7 +67,9 @@ def test_em_quality_against_sklearn():
 
 
 def test_quantile_init_does_not_collapse_far_from_zero():
-    # The official random init (means ~ N(0, 1)) collapses all components for data around −10 (method.md §5.3.5).
+    # The official random init (means ~ N(0, 1)) collapses all components for data around −10: its E-step's
+    # 1e-7 density floor gives uniform responsibilities to data ~5σ from every component, and identical
+    # components stay identical.
     g = torch.Generator().manual_seed(4)
     x = torch.cat([torch.randn(2000, generator=g) * 0.5 - 12, torch.randn(2000, generator=g) * 0.5 - 8])
     sw = torch.ones_like(x)

@@ -59,7 +59,7 @@ def test_posthoc_compiled_equals_eager():
 
 def test_mixed_batch_uses_the_explicit_domain_mask():
     # All pseudo-labels confident (weight exactly 1): the official weight==1 rule would file every target
-    # pixel as source and never update the target grid (method.md §5.3.6).
+    # pixel as source and never update the target grid (Woof6/BLDA's CrossEntropyLoss_GMM).
     g = torch.Generator().manual_seed(2); torch.manual_seed(2)
     tracker = LogitTracker(3, warmup=5, min_pixels=20)
     loss = BLDALoss(tracker, tau=0.1, cdf_weight=0.2)

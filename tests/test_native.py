@@ -1,4 +1,8 @@
-"The fused CPU kernels (`blda.native`) against the PyTorch reference code, their determinism, and the fallback."
+"""The fused CPU kernels (`blda.native`) against the PyTorch reference code, their determinism, and the fallback.
+
+On the CPU the tracker runs EM and the shift Δ in C kernels (`nbs/08_native.ipynb`), a second copy of the
+PyTorch formulas of `blda.gmm` and `blda.tracker`. Edit one copy alone and the comparisons here fail with a
+message that says so (`KERNELS_TOO`); the last two tests check that they do."""
 import os
 import warnings
 import pytest
@@ -8,6 +12,37 @@ from blda.gmm import em_fit, init_from_quantiles
 from blda.tracker import LogitTracker
 
 needs_kernels = pytest.mark.skipif(native.kernels().library is None, reason='the CPU kernels did not build here')
+
+KERNELS_TOO = ("the fused C kernels (blda.native) no longer compute what the PyTorch code computes. They are a second "
+               "copy of the formulas of blda.gmm (em_fit's E-step and moments) and blda.tracker (shift, _shift_chunk): "
+               "when you change a formula in nbs/02_gmm.ipynb or nbs/03_tracker.ipynb, make the same change to the C "
+               "kernels in nbs/08_native.ipynb. To run the PyTorch code alone meanwhile: BLDA_NATIVE=0, or "
+               "LogitTracker(native=False) / em_fit(native=False)")
+
+
+def assert_agree(what: str, fused: torch.Tensor, plain: torch.Tensor, **tolerance) -> None:
+    "The C kernels' `fused` result is close to the PyTorch code's `plain` one; otherwise a message saying what to edit."
+    gap = (fused.double() - plain.double()).abs().max().item() if fused.numel() else 0.0
+    assert torch.allclose(fused, plain, **tolerance), f"{what}: max |C − PyTorch| = {gap:.3g}. {KERNELS_TOO}"
+
+
+def assert_em_agrees(fused, plain) -> None:
+    for field, a, b in zip(fused._fields, fused, plain): assert_agree(f"em_fit {field}", a, b, rtol=1e-4, atol=1e-4)
+
+
+def assert_shift_agrees(fused, plain) -> None:
+    assert_agree("shift Δ", fused.delta, plain.delta, atol=2e-5)
+    assert_agree("shift label CDF", fused.label_cdf, plain.label_cdf, atol=1e-6)
+    assert torch.equal(fused.label_estimated, plain.label_estimated), f"shift label_estimated differs. {KERNELS_TOO}"
+
+
+def em_problem():
+    "Samples, weights (some masked out) and a quantile start for 40 mixtures of 1500 samples."
+    g = torch.Generator().manual_seed(0)
+    E, N = 40, 1500                                                             # N not a multiple of the block of 64
+    x = torch.randn(E, N, generator=g) * 2 + 3 * (torch.rand(E, N, generator=g) < 0.3) + torch.linspace(-20, 20, E)[:, None]
+    sw = torch.rand(E, N, generator=g) * (torch.rand(E, N, generator=g) < 0.9)   # weights, some samples masked out
+    return x, sw, init_from_quantiles(x, sw, 5)
 
 
 def trained_tracker(C=5, B=3, H=7, W=13, seed=0, steps=6, **kw):
@@ -27,15 +62,11 @@ def trained_tracker(C=5, B=3, H=7, W=13, seed=0, steps=6, **kw):
 
 @needs_kernels
 def test_em_fit_native_matches_pytorch_and_is_closer_to_float64():
-    g = torch.Generator().manual_seed(0)
-    E, N = 40, 1500                                                             # N not a multiple of the block of 64
-    x = torch.randn(E, N, generator=g) * 2 + 3 * (torch.rand(E, N, generator=g) < 0.3) + torch.linspace(-20, 20, E)[:, None]
-    sw = torch.rand(E, N, generator=g) * (torch.rand(E, N, generator=g) < 0.9)   # weights, some samples masked out
-    start = init_from_quantiles(x, sw, 5)
+    x, sw, start = em_problem()
     fused, plain = em_fit(x, sw, start, 3, native=True), em_fit(x, sw, start, 3, native=False)
     exact = em_fit(x.double(), sw.double(), start._replace(**{f: getattr(start, f).double() for f in start._fields}), 3)
+    assert_em_agrees(fused, plain)
     for f, a, b, e in zip(start._fields, fused, plain, exact):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), f
         assert (a.double() - e).abs().max() <= 2 * (b.double() - e).abs().max() + 1e-6, f
 
 
@@ -64,8 +95,7 @@ def test_shift_native_matches_pytorch(domain):
         source_rows = ~domain
     assert tracker.uses_native(z) and not reference.uses_native(z)
     a, b = tracker.shift(z, y, domain), reference.shift(z, y, domain)
-    assert torch.allclose(a.delta, b.delta, atol=2e-5) and torch.allclose(a.label_cdf, b.label_cdf, atol=1e-6)
-    assert torch.equal(a.label_estimated, b.label_estimated)
+    assert_shift_agrees(a, b)
     assert a.delta[:, 2][(y == 1) & source_rows].eq(0).all() and a.delta[0, :, :2].eq(0).all()   # not estimated, unlabelled
     assert a.delta[:, 2][(y == 1) & ~source_rows].ne(0).all()
     assert a.delta.is_contiguous() and a.delta.shape == z.shape
@@ -93,8 +123,8 @@ def test_training_steps_agree_with_the_pytorch_tracker():
         for t in (fused, plain):
             torch.manual_seed(it); t.update(z, y, 'source')
     for (name, a), b in zip(fused.state_dict().items(), plain.state_dict().values()):
-        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-4), name
-    assert torch.allclose(fused.delta(z, y, 'source'), plain.delta(z, y, 'source'), atol=1e-4)
+        assert_agree(f"tracker state {name} after 5 updates", a.float(), b.float(), rtol=1e-4, atol=1e-4)
+    assert_agree("Δ after 5 updates", fused.delta(z, y, 'source'), plain.delta(z, y, 'source'), atol=1e-4)
 
 
 def test_without_a_compiler_the_tracker_warns_once_and_runs_on_pytorch(monkeypatch, tmp_path):
@@ -153,3 +183,27 @@ def test_kernel_entry_points_reject_what_would_read_out_of_bounds():
         native.shift(logits, torch.tensor([0, 1, 2]), row_label, coef, defined, table, 0.01)
     with pytest.raises(ValueError, match='xc must be a torch.float32 CPU tensor'):
         native.em_moments(torch.zeros(2, 5, dtype=torch.float64), torch.ones(2, 5), *torch.zeros(3, 2, K))
+
+
+@needs_kernels
+def test_an_edit_of_the_pytorch_shift_alone_fails_and_says_where_to_edit(monkeypatch):
+    "A changed `_shift_chunk` (the PyTorch Δ) without the same change in the C kernels fails, naming nbs/08_native.ipynb."
+    import blda.tracker as tracker_module
+    tracker, z, y = trained_tracker()
+    reference = LogitTracker(5, native=False)
+    reference.load_state_dict(tracker.state_dict())
+    assert_shift_agrees(tracker.shift(z, y, 'source'), reference.shift(z, y, 'source'))   # before the edit
+    original = tracker_module._shift_chunk
+    monkeypatch.setattr(tracker_module, '_shift_chunk', lambda *a: original(*a)._replace(delta=1.01 * original(*a).delta))
+    with pytest.raises(AssertionError, match=r'shift Δ.*nbs/08_native\.ipynb'):
+        assert_shift_agrees(tracker.shift(z, y, 'source'), reference.shift(z, y, 'source'))
+
+
+@needs_kernels
+def test_an_edit_of_the_pytorch_em_step_alone_fails_and_says_where_to_edit(monkeypatch):
+    "A changed E-step in `em_fit`'s PyTorch path (its softmax) without the same change in the C kernels fails, naming nbs/08_native.ipynb."
+    x, sw, start = em_problem()
+    softmax = torch.softmax
+    monkeypatch.setattr(torch, 'softmax', lambda t, dim: softmax(1.05 * t, dim))   # the PyTorch path's E-step only
+    with pytest.raises(AssertionError, match=r'em_fit .*nbs/08_native\.ipynb'):
+        assert_em_agrees(em_fit(x, sw, start, 3, native=True), em_fit(x, sw, start, 3, native=False))

@@ -107,7 +107,7 @@ def test_component_hooks(model):
 
 def test_is_target_reaches_blda_even_with_pseudo_weight_one(model):
     """The explicit ClassMix domain goes to `BLDALoss.mixed`: the target grid is updated although every
-    pseudo-weight is exactly 1 (the official code's `0 < w < 1` split would miss it, method.md §5.3.6)."""
+    pseudo-weight is exactly 1 (the official code's `0 < w < 1` split would miss it, Woof6/BLDA's CrossEntropyLoss_GMM)."""
     m = copy.deepcopy(model); teacher = copy.deepcopy(model).requires_grad_(False)
     with torch.no_grad(): teacher.head.classifier.bias[3] = 100.0       # a teacher sure of class 3 everywhere
     criterion = BLDALoss(LogitTracker(19, min_pixels=10), cdf_weight=0.2)

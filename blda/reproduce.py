@@ -4,7 +4,7 @@
 
 # %% ../nbs/41_reproduce.ipynb #01f32b81
 from __future__ import annotations
-import argparse, dataclasses, json, math, os, queue, time
+import argparse, dataclasses, json, math, os, queue, shutil, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,11 +13,14 @@ from .errors import UserError
 from .provenance import provenance_columns, provenance_summary
 
 # %% auto #0
-__all__ = ['PAPER_KEYS', 'NOTEBOOK_PARAMETERS', 'LAUNCHERS', 'LOW_IOU', 'LEARNT_IOU', 'TOY_FOLDERS', 'Row', 'TableSpec',
-           'tables_dir', 'available_tables', 'parse_table', 'load_table', 'Run', 'plan_runs', 'run_state', 'RunOutcome',
-           'notebook_parameters', 'execute_run', 'launch_local', 'launch_submitit', 'RowResult', 'aggregate',
-           'table_records', 'table_markdown', 'plot_table', 'regime_summary', 'write_table', 'ensure_toy',
-           'absolute_roots', 'add_arguments', 'reproduce', 'run']
+__all__ = ['PAPER_KEYS', 'NOTEBOOK_PARAMETERS', 'LAUNCHERS', 'LOW_IOU', 'LEARNT_IOU', 'TOY_FOLDERS', 'FULL_IMAGES',
+           'WEIGHTS_FILES', 'ASSUMED_COST', 'BLDA_COST', 'Row', 'TableSpec', 'tables_dir', 'available_tables',
+           'parse_table', 'load_table', 'Run', 'plan_runs', 'run_state', 'RunOutcome', 'notebook_parameters',
+           'execute_run', 'launch_local', 'launch_submitit', 'RowResult', 'aggregate', 'table_records',
+           'table_markdown', 'plot_table', 'regime_summary', 'write_table', 'ensure_toy', 'absolute_roots',
+           'add_arguments', 'reproduce', 'run', 'Check', 'check_dataset', 'check_class_stats', 'check_weights',
+           'run_bytes', 'check_disk', 'check_gpus', 'assumed_cost', 'trial_run', 'Preflight', 'preflight',
+           'preflight_report']
 
 # %% ../nbs/41_reproduce.ipynb #26f8c1da
 PAPER_KEYS = ('mIoU', 'mIoU_std', 'mAcc', 'mAcc_std')
@@ -541,6 +544,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--out', default=None, help="output folder (default: RESULTS/TABLE, or RESULTS/TABLE-quick with --quick)")
     parser.add_argument('--list', action='store_true', help='print the runs and their states, run nothing')
     parser.add_argument('--table-only', action='store_true', help='rebuild table.md/csv/png from the finished runs, run nothing')
+    parser.add_argument('--check', action='store_true', help='the preflight: check the data, weights, disk and GPUs, and run 2 '
+                        'iterations and one evaluation image of each row in a temporary folder; start nothing')
+    parser.add_argument('--allow-partial', action='store_true', help='with --check: accept datasets with fewer images than the full ones')
 
 def reproduce(table: str | Path = 'toy', out: Path | str | None = None, rows: Sequence[str] | None = None,
               seeds: Sequence[int] | None = None, quick: bool = False, overrides: dict | None = None,
@@ -602,6 +608,14 @@ def reproduce(table: str | Path = 'toy', out: Path | str | None = None, rows: Se
 def run(args: argparse.Namespace) -> int:
     overrides = _parse_set(args.set)
     slurm = _parse_set(args.slurm, '--slurm')
+    if args.check:
+        spec, runs, _, out = reproduce(args.table, args.out, args.rows, args.seeds, args.quick, overrides, args.device,
+                                       execute=False, log=lambda *a: None, all_rows=args.all)
+        print(f"blda reproduce {spec.name} --check: {len({r.row for r in runs})} rows, {len(runs)} runs → {out}; "
+              f"trials on {args.device} in a temporary folder")
+        result = preflight(runs, out, args.device, args.allow_partial)
+        print(preflight_report(result))
+        return 0 if result.ok else 1
     spec, runs, results, out = reproduce(args.table, args.out, args.rows, args.seeds, args.quick, overrides,
                                          args.device, args.jobs, args.launcher, slurm,
                                          execute=not (args.list or args.table_only), all_rows=args.all)
@@ -613,3 +627,252 @@ def run(args: argparse.Namespace) -> int:
     if any(x.seeds for x in results): print(regime_summary(spec, results))
     failed = [x for x in results if x.status in ('failed', 'partial')]
     return 1 if failed else 0
+
+# %% ../nbs/41_reproduce.ipynb #5e1f0a02
+FULL_IMAGES = {'gta': {'train': 24966}, 'synthia': {'train': 9400}, 'cityscapes': {'train': 2975, 'val': 500}}
+WEIGHTS_FILES = {'mit_b5': "the ImageNet MiT-B5 weights (SegFormer's and DAFormer's mit_b5.pth, unconverted)",
+                 'tu-resnet101c': "mmcv's ImageNet ResNet-101 V1c checkpoint (open-mmlab://resnet101_v1c, unconverted)"}
+# Assumed seconds per iteration and peak GiB of a host on one 24 GB-class GPU (RTX 3090 / Titan RTX), 512 crops, batch 2:
+# DAFormer, DACS and CDAC from the BLDA paper's cost table (unverified), HRDA from its maintainers (32 h, 22.5 GB),
+# MIC on HRDA and MIC on DAFormer a third more than their base, source-only half of DAFormer's. BLDA adds 0.3 s per
+# iteration and 30 % memory (the same table). A trial on a GPU replaces them with what it measures.
+ASSUMED_COST = {'source_only': (0.65, 5.0), 'dacs': (0.51, 10.5), 'daformer': (1.3, 9.6), 'mic': (1.7, 12.5),
+                'cdac': (1.7, 34.6), 'hrda': (2.9, 21.0), 'mic_hrda': (3.8, 27.0)}
+BLDA_COST = (0.3, 1.3)   # + seconds per iteration, × memory
+
+@dataclass
+class Check:
+    "One line of the preflight's report."
+    what: str
+    state: str       # 'ready'; 'partial' (fewer images, accepted with --allow-partial); 'note'; 'missing'
+    detail: str
+    fix: str = ''    # the command or action that closes the gap
+
+    @property
+    def ok(self) -> bool: return self.state != 'missing'
+
+def _one_line(e: BaseException) -> str: return str(e).strip().split('\n')[0]
+
+def check_dataset(entry, root: Path, role: str, rcs: bool = False, allow_partial: bool = False) -> list[Check]:
+    """The layout, image counts and prepared labels of registry dataset `entry` at `root`, used as a benchmark's
+    `role` ('source': labels and, with `rcs`, the rare-class statistics; 'target': train images, val images
+    with labels). Fewer images than the full dataset (`FULL_IMAGES`) is a gap unless `allow_partial`."""
+    from blda.convert import image_size
+    what, prepare = f"data: {entry.name} ({role})", f"blda prepare {entry.name} {root}"
+    if not root.is_dir():
+        return [Check(what, 'missing', f"no folder {root}", f"put {entry.layout} in {root} (or set `{entry.settings_key} = "
+                      f"PATH` under [paths] in settings.ini)" + (f", then `{prepare}`" if entry.convert else ''))]
+    checks, names = [], set()
+    for split, labels in ((('train', False), ('val', True)) if role == 'target' else (('train', True),)):
+        name = f"{what} {split}" if role == 'target' else what
+        try: ds = entry.load(root, split, **({} if labels else {'with_labels': False}))
+        except (UserError, OSError, ValueError) as e:
+            has_images = any(root.glob(entry.image_glob(split)))
+            checks.append(Check(name, 'missing', _one_line(e), f"`{prepare}`" if has_images and entry.convert
+                                else f"put {entry.layout} in {root}"))
+            continue
+        names |= {p.name for p in ds.labels or []}
+        n, full = len(ds), FULL_IMAGES.get(entry.name, {}).get(split)
+        w, h = image_size(ds.images[0])   # the first one's, from its header
+        detail = f"{n:,} images ({w}×{h})" + (' with labels' if labels else '') + f" in {root}"
+        if full and n < full:
+            checks.append(Check(name, 'partial' if allow_partial else 'missing', f"{detail}; the full dataset has {full:,}"
+                                + (' (accepted: --allow-partial)' if allow_partial else ''),
+                                '' if allow_partial else f"add the missing images (or accept fewer with --allow-partial)"))
+        else: checks.append(Check(name, 'ready', detail))
+    if rcs and role == 'source' and names: checks.append(check_class_stats(entry, root, names))
+    return checks
+
+def check_class_stats(entry, root: Path, label_names: set[str]) -> Check:
+    "The rare-class statistics `blda prepare` writes at `root`: present, readable, naming the dataset's label files."
+    what, fix = f"data: {entry.name} rare-class statistics", f"`blda prepare {entry.name} {root}`"
+    try:
+        stats = json.loads((root/'sample_class_stats.json').read_text())
+        with_class = json.loads((root/'samples_with_class.json').read_text())
+    except FileNotFoundError as e: return Check(what, 'missing', f"{e.filename} not found", fix)
+    except (OSError, ValueError) as e: return Check(what, 'missing', f"unreadable statistics in {root}: {e}", fix)
+    named = {Path(str(s.get('file', ''))).name for s in stats if isinstance(s, dict)} & label_names if isinstance(stats, list) else set()
+    if not named or not with_class:
+        return Check(what, 'missing', f"the statistics in {root} are empty or name none of its label files", fix)
+    return Check(what, 'ready', f"{len(named):,} of {len(label_names):,} label files counted, {len(with_class)} classes")
+
+# %% ../nbs/41_reproduce.ipynb #5e1f0a05
+def check_weights(arch: str, encoder: str | None, path: str | None, embed_dim: int = 256,
+                  num_classes: int = 19) -> tuple[Check, int]:
+    """Load the encoder weights file `path` into the encoder of `arch`, strictly (`blda.models.build_model`); returns
+    the check and the parameter count of the model (with the cumulative-density head), for the disk estimate."""
+    import torch
+    from blda.models import ARCH_ALIASES, DEFAULT_ENCODERS, build_model
+    encoder = encoder or DEFAULT_ENCODERS[ARCH_ALIASES[str(arch).lower()]]
+    kw = dict(arch=arch, num_classes=num_classes, encoder=encoder, embed_dim=embed_dim, cdf_head=True)
+    size = lambda m: sum(p.numel() for p in m.parameters())
+    what = f"weights: {encoder}"
+    with torch.random.fork_rng(devices=[]):   # random initialisation must not move the caller's stream
+        if not path: return Check(what, 'note', 'no encoder_weights: random initialisation'), size(build_model(**kw))
+        try: return Check(what, 'ready', f"{path} loads into {encoder}, every tensor"), size(build_model(**kw, encoder_weights=path))
+        except (OSError, ValueError) as e:
+            fix = f"put {WEIGHTS_FILES.get(encoder, 'the ImageNet weights of ' + encoder)} at {path}"
+            return Check(what, 'missing', _one_line(e), fix), size(build_model(**kw))
+
+def run_bytes(parameters: int) -> int:
+    "What one run writes: two checkpoints (the latest and the one before), each the student, the teacher and AdamW's two moments in 4-byte floats, plus 100 MiB of logs, notebook and figures."
+    return parameters * 4 * 4 * 2 + (100 << 20)
+
+def check_disk(out: Path, need: int) -> Check:
+    "Free space where `out` is (or will be) against `need` bytes, plus 10 % and 1 GiB."
+    need, where = int(need * 1.1) + (1 << 30), Path(out).resolve()
+    while not where.exists(): where = where.parent
+    free, gib = shutil.disk_usage(where).free, lambda b: f"{b / 2**30:,.1f} GiB"
+    detail = f"the runs write about {gib(need)} (two checkpoints a run, +10 % and 1 GiB); {gib(free)} free at {where}"
+    if free >= need: return Check('disk', 'ready', detail)
+    return Check('disk', 'missing', detail, f"free {gib(need - free)} there, or choose --out on a larger disk")
+
+def check_gpus(device: str, peaks: dict[str, float], measured: bool = False) -> Check:
+    "The visible CUDA GPUs and their memory against each row's peak in GiB (`measured` or estimated)."
+    import torch
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not n:
+        if str(device).startswith('cuda'): return Check('gpus', 'missing', f"--device {device} but no CUDA GPU is visible",
+                                                        'run the check where the table will run (or --device cpu)')
+        return Check('gpus', 'note', 'no CUDA GPU visible: this check ran on the CPU, and the table needs GPUs '
+                     f"(largest row peak {'measured' if measured else 'estimated'}: {max(peaks.values(), default=0):.1f} GiB)")
+    props = [torch.cuda.get_device_properties(i) for i in range(n)]
+    smallest = min(p.total_memory for p in props) / 2**30
+    names = ', '.join(sorted({p.name for p in props}))
+    over = {r: p for r, p in peaks.items() if p > smallest}
+    detail = (f"{n} × {names}, {smallest:.0f} GiB each; largest row peak "
+              f"({'measured' if measured else 'estimated'}) {max(peaks.values(), default=0):.1f} GiB")
+    if not over: return Check('gpus', 'ready', detail)
+    return Check('gpus', 'missing', detail + '; too large: ' + ', '.join(f"{r} {p:.0f} GiB" for r, p in over.items()),
+                 'run those rows on GPUs with more memory (or leave them out with --rows)')
+
+def assumed_cost(params: dict) -> tuple[float, float]:
+    "(seconds per iteration, peak GiB) assumed for a run with these parameters on one 24 GB-class GPU (`ASSUMED_COST`)."
+    s, gib = ASSUMED_COST.get(params.get('host', 'daformer'), ASSUMED_COST['daformer'])
+    return (s + BLDA_COST[0], gib * BLDA_COST[1]) if params.get('blda') else (s, gib)
+
+# %% ../nbs/41_reproduce.ipynb #5e1f0a08
+def trial_run(params: dict, folder: Path, device: str = 'auto') -> dict:
+    """2 training iterations and one evaluation image of the run with experiment parameters `params`, into `folder`
+    (a checkpoint too); returns `seconds`, `seconds_per_iter` (the second iteration's), `peak_memory_gib` (CUDA, else
+    None) and `device`. A BLDA run with a `posthoc_tau` is also scored post hoc, as the experiment notebook does."""
+    import warnings
+    from blda.config import resolve_config
+    from blda.train import train
+    given = {k: v for k, v in params.items() if k not in NOTEBOOK_PARAMETERS}
+    given |= dict(iterations=2, eval_interval=2, eval_max_images=1, checkpoint_interval=0, log_interval=1, stop_after=None,
+                  output_dir=str(folder), device=device, progress=False, resume=False)
+    tau = params.get('posthoc_tau', 0.2)
+    if params.get('blda') and tau is not None: given['eval_posthoc_tau'] = tau
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():   # rare-class sampling's classes absent from a few images
+        warnings.simplefilter('ignore')
+        result = train(resolve_config(given))
+    steps = [r for r in result.log if r['kind'] == 'train']
+    if result.final_eval is None: raise RuntimeError('the evaluation did not run')
+    peaks = [r['peak_memory_gib'] for r in steps if 'peak_memory_gib' in r]
+    return dict(seconds=time.perf_counter() - t0, seconds_per_iter=steps[-1]['seconds_per_iter'],
+                peak_memory_gib=max(peaks) if peaks else None, device=str(next(result.state.student.parameters()).device))
+
+@dataclass
+class Preflight:
+    "What `preflight` found."
+    checks: list[Check]
+    gpu_hours: float          # the pending runs' training, on one GPU each
+    basis: str                # where the seconds per iteration came from
+    runs: int                 # pending runs
+    seconds: float = 0.0      # how long the check took
+
+    @property
+    def ok(self) -> bool: return all(c.ok for c in self.checks)
+
+def _uses_rcs(params: dict) -> bool:
+    from blda.hosts import HOSTS
+    host = HOSTS.get(params.get('host', 'daformer'))
+    return bool(host and (host.rare_class_sampling if params.get('rcs') is None else params['rcs']))
+
+def preflight(runs: Sequence[Run], out: Path, device: str = 'auto', allow_partial: bool = False, trials: bool = True,
+              log=print) -> Preflight:
+    """Check everything `runs` (planned by `reproduce(…, execute=False)`, roots resolved) need, without starting them:
+    the datasets, the weights files, the disk, the GPUs; then 2 iterations and one evaluation image of each row whose
+    data and weights are ready (`trials`), on `device`, in a temporary folder. Each trial is logged as it ends."""
+    from blda.registry import BENCHMARKS
+    from blda.train import TrainConfig
+    t0, checks = time.time(), []
+    for row in sorted({r.row for r in runs if not r.implemented}):
+        checks.append(Check(f"row {row}", 'note', 'its host is not implemented: listed, not run'))
+    live = [r for r in runs if r.implemented]
+    first = {}   # one run per row: a row's seeds share its configuration
+    for r in live: first.setdefault(r.row, r)
+    datasets: dict[tuple, bool] = {}   # (dataset, root, role) → rare-class statistics needed
+    for r in first.values():
+        bench = BENCHMARKS.get(r.params.get('data', TrainConfig.data))
+        if bench is None: checks.append(Check(f"row {r.row}", 'missing', f"unknown data {r.params.get('data')!r}")); continue
+        for role, entry in (('source', bench.source), ('target', bench.target)):
+            key = (entry, r.params[f"{role}_root"], role)
+            datasets[key] = datasets.get(key, False) or _uses_rcs(r.params)
+    data_ok = {}
+    for (entry, root, role), rcs in datasets.items():
+        found = check_dataset(entry, Path(root), role, rcs, allow_partial)
+        checks += found
+        data_ok[(entry.name, root, role)] = all(c.ok for c in found)
+    def model_key(p: dict) -> tuple:
+        return (p.get('arch', 'T'), p.get('encoder'), p.get('encoder_weights'), p.get('embed_dim', 256), p.get('num_classes', 19))
+    weights, sizes = {}, {}
+    for r in first.values():
+        key = model_key(r.params)
+        if key not in weights:
+            check, sizes[key] = check_weights(*key)
+            weights[key] = check.ok
+            checks.append(check)
+    pending = [r for r in live if run_state(r) != 'done']
+    checks.append(check_disk(out, sum(run_bytes(sizes[model_key(first[r.row].params)]) for r in pending)))
+    measured, folder = {}, Path(tempfile.mkdtemp(prefix='blda-check-'))   # never the table's own folder
+    try:
+        for row, r in first.items():
+            bench = BENCHMARKS.get(r.params.get('data', TrainConfig.data))
+            ready = bench is not None and weights[model_key(r.params)] and all(
+                data_ok[(e.name, r.params[f"{role}_root"], role)] for role, e in (('source', bench.source), ('target', bench.target)))
+            if not trials: continue
+            if not ready:
+                checks.append(Check(f"trial: {row}", 'note', 'not run: its data or weights are missing (above)')); continue
+            try:
+                m = trial_run(r.params, folder/row, device)
+                measured[row] = m
+                check = Check(f"trial: {row}", 'ready', f"2 iterations and 1 evaluation image in {m['seconds']:.0f} s on "
+                              f"{m['device']} ({m['seconds_per_iter']:.2f} s per iteration"
+                              + (f", peak {m['peak_memory_gib']:.1f} GiB)" if m['peak_memory_gib'] is not None else ')'))
+            except Exception as e:   # any failure of the run is the finding: one line, no traceback
+                check = Check(f"trial: {row}", 'missing', f"{type(e).__name__}: {_one_line(e)}",
+                              f"blda train with this row's parameters shows the whole error")
+            finally: shutil.rmtree(folder/row, ignore_errors=True)
+            checks.append(check)
+            log(f"  {check.what}: {check.state}, {check.detail}")
+    finally: shutil.rmtree(folder, ignore_errors=True)
+    on_gpu = {row: m for row, m in measured.items() if m['peak_memory_gib'] is not None}
+    peaks = {row: on_gpu[row]['peak_memory_gib'] if row in on_gpu else assumed_cost(r.params)[1] for row, r in first.items()}
+    checks.append(check_gpus(device, peaks, measured=bool(on_gpu) and len(on_gpu) == len(first)))
+    seconds = sum(r.params.get('iterations', TrainConfig.iterations)
+                  * (on_gpu[r.row]['seconds_per_iter'] if r.row in on_gpu else assumed_cost(r.params)[0]) for r in pending)
+    basis = ('seconds per iteration measured on the GPU by the trials' if on_gpu and len(on_gpu) == len(first) else
+             "assumed seconds per iteration of one 24 GB-class GPU (RTX 3090: the BLDA paper's cost table; HRDA's maintainers' "
+             "32 h for HRDA)" + (', measured where a trial ran on a GPU' if on_gpu else ''))
+    return Preflight(checks, seconds / 3600, basis, len(pending), time.time() - t0)
+
+def preflight_report(result: Preflight) -> str:
+    "The report: one line per check (the gaps with their fix), the GPU-hours, and the verdict."
+    width = max((len(c.what) for c in result.checks), default=10)
+    lines = []
+    for c in result.checks:
+        lines.append(f"  {c.state.upper() if not c.ok else c.state:8s} {c.what:{width}s}  {c.detail}")
+        if c.fix: lines.append(f"  {'':8s} {'':{width}s}  fix: {c.fix}")
+    hours = f"{result.gpu_hours:,.0f}" if result.gpu_hours >= 10 else f"{result.gpu_hours:.1f}"
+    lines.append(f"estimate: about {hours} GPU-hours for {result.runs} runs ({result.basis})")
+    gaps = [c for c in result.checks if not c.ok]
+    partial = any(c.state == 'partial' for c in result.checks)
+    trials = any(c.what.startswith('trial:') and c.state == 'ready' for c in result.checks)
+    lines.append(f"checked in {result.seconds:.0f} s: " + (
+        f"NOT READY, {len(gaps)} gap(s) above; nothing was started" if gaps else
+        'ready' + (', with fewer images than the full datasets (--allow-partial)' if partial else '')
+        + (', its training iterations included' if trials else '') + '; nothing was started'))
+    return '\n'.join(lines)

@@ -12,8 +12,8 @@ from .classes import CITYSCAPES_CLASSES, IGNORE_INDEX
 from .files import atomic_write, atomic_write_text
 
 # %% auto #0
-__all__ = ['DEFAULT_TOY_CONFIG', 'SIZE_PRESETS', 'TRAIN_ID_TO_LABEL_ID', 'SOURCE_VAL_FIRST_INDEX', 'merge_config', 'toy_config',
-           'generate_scene', 'toy_files', 'make_toy', 'add_arguments', 'run']
+__all__ = ['DEFAULT_TOY_CONFIG', 'SIZE_PRESETS', 'OPTIONAL_KEYS', 'TRAIN_ID_TO_LABEL_ID', 'SOURCE_VAL_FIRST_INDEX',
+           'merge_config', 'toy_config', 'generate_scene', 'toy_files', 'make_toy', 'add_arguments', 'run']
 
 # %% ../nbs/10_toy.ipynb #d7be6a02
 _C = {n: i for i, n in enumerate(CITYSCAPES_CLASSES)}
@@ -69,16 +69,21 @@ DEFAULT_TOY_CONFIG: dict = {
 SIZE_PRESETS: dict = {
     'default': {},
     'tiny': {'image_size': [64, 32], 'counts': {'source': 6, 'source_val': 2, 'target_train': 4, 'target_val': 2}},
+    # a handful of images at the real datasets' sizes (GTA5 1914×1052, Cityscapes 2048×1024), in their layouts
+    'real': {'counts': {'source': 4, 'source_val': 2, 'target_train': 3, 'target_val': 2},
+             'domains': {'source': {'image_size': [1914, 1052]}, 'target': {'image_size': [2048, 1024]}}},
 }
 
 # %% ../nbs/10_toy.ipynb #c8b5e4de
+OPTIONAL_KEYS = ('domains.source.image_size', 'domains.target.image_size')   # absent from the default: its digest stays
+
 def merge_config(base: dict, override: dict, where: str = '') -> dict:
-    "Recursive merge of `override` into a copy of `base`; keys not in `base` raise `ValueError`."
+    "Recursive merge of `override` into a copy of `base`; keys not in `base` (nor in `OPTIONAL_KEYS`) raise `ValueError`."
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if key not in out:
+        if key not in out and where + key not in OPTIONAL_KEYS:
             raise ValueError(f"unknown toy config key {where + key!r}; known: {sorted(out)}")
-        if isinstance(out[key], dict) and isinstance(value, dict):
+        if isinstance(out.get(key), dict) and isinstance(value, dict):
             out[key] = merge_config(out[key], value, where + key + '.')
         else:
             out[key] = copy.deepcopy(value)
@@ -379,8 +384,8 @@ def generate_scene(config: dict, domain: str, seed: int, index: int) -> tuple[np
 
     Deterministic in (`config`, `domain`, `seed`, `index`): each scene has its own random stream, so
     scenes can be drawn in any order or in parallel."""
-    W, H = config['image_size']
     dom = config['domains'][domain]
+    W, H = dom.get('image_size') or config['image_size']   # a domain's own size, else the common one
     rng = np.random.default_rng([seed, ('source', 'target').index(domain), index])
     colors = _class_table(config, 'source_color')
     if domain == 'target': colors = colors + _class_table(config, 'appearance_shift')

@@ -19,6 +19,18 @@ def toy(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope='session')
+def real_toy(tmp_path_factory) -> Path:
+    """`blda toy --size real`: a handful of images at GTA5's (1914×1052) and Cityscapes' (2048×1024) sizes and layouts,
+    prepared like the tiny toy; the real datasets' roots point at its `source/` and `target/` in tests of the real path."""
+    from blda.cli import main
+    root = tmp_path_factory.mktemp('real')
+    assert main(['toy', str(root), '--size', 'real']) == 0
+    for kind, folder in (('gta', 'source'), ('gta', 'source_val'), ('cityscapes', 'target')):
+        assert main(['prepare', kind, str(root/folder), '--quiet']) == 0
+    return root
+
+
 def disk_full() -> OSError:
     "The error a full disk raises on a write."
     import errno

@@ -127,3 +127,27 @@ def test_default_size_within_budget(tmp_path):
     config = toy_config('default')
     summary = make_toy(tmp_path, config, nproc=2, progress=False)
     assert summary['generated'] == sum(config['counts'].values()) and time.perf_counter() - start < 60
+
+def test_real_size_trains_through_the_gta2cs_path(real_toy, tmp_path):
+    """`--size real`: GTA5- and Cityscapes-size images in their layouts; with the gta2cs roots pointed at them, the
+    source is resized to 1280×704 and the target to 1024×512, 2 iterations of 512 crops train on the CPU and evaluate
+    one image, and a sliding-window evaluation scores the full-size label."""
+    from conftest import train_quietly
+    from blda.data import gta_dataset
+    from blda.evaluate import evaluate
+    from blda.train import TrainConfig, resolve_host, validation_set
+    assert len(list((real_toy/'source'/'images').glob('*.png'))) == 4 and len(list((real_toy/'source_val'/'images').glob('*.png'))) == 2
+    assert [len(list((real_toy/'target'/'leftImg8bit'/s).glob('*/*.png'))) for s in ('train', 'val')] == [3, 2]
+    assert Image.open(real_toy/'source'/'images'/'00001.png').size == Image.open(real_toy/'source'/'labels'/'00001_labelTrainIds.png').size == (1914, 1052)
+    val = sorted((real_toy/'target'/'gtFine'/'val').glob('*/*_gtFine_labelTrainIds.png'))
+    assert len(val) == 2 and Image.open(val[0]).size == (2048, 1024)
+    assert gta_dataset(real_toy/'source', crop_size=None, flip_prob=0)[0]['img'].shape == (3, 704, 1280)
+    cfg = TrainConfig(data='gta2cs', source_root=str(real_toy/'source'), target_root=str(real_toy/'target'), encoder='mit_b0',
+                      embed_dim=16, crop_size=(512, 512), iterations=2, eval_interval=2, eval_max_images=1, checkpoint_interval=0,
+                      log_interval=1, output_dir=str(tmp_path/'run'), device='cpu', progress=False)
+    res = train_quietly(cfg)
+    assert res.iteration == 2 and res.final_eval['images'] == 1
+    ds = validation_set(cfg, resolve_host(cfg)[0])
+    assert ds[0]['img'].shape == (3, 512, 1024) and ds[0]['gt'].shape == (1024, 2048)   # test scale, full-size label
+    slide = evaluate(res.state.student, ds, mode='slide', crop=(512, 512), stride=(341, 341), max_images=1)   # 1 × 3 windows
+    assert slide['images'] == 1 and 0 <= slide['mIoU'] <= 100

@@ -367,6 +367,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'blda.reproduce.check_weights': ('reproduce.html#check_weights', 'blda/reproduce.py'),
                                 'blda.reproduce.ensure_toy': ('reproduce.html#ensure_toy', 'blda/reproduce.py'),
                                 'blda.reproduce.execute_run': ('reproduce.html#execute_run', 'blda/reproduce.py'),
+                                'blda.reproduce.full_label': ('reproduce.html#full_label', 'blda/reproduce.py'),
                                 'blda.reproduce.launch_local': ('reproduce.html#launch_local', 'blda/reproduce.py'),
                                 'blda.reproduce.launch_submitit': ('reproduce.html#launch_submitit', 'blda/reproduce.py'),
                                 'blda.reproduce.load_table': ('reproduce.html#load_table', 'blda/reproduce.py'),

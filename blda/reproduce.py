@@ -17,10 +17,10 @@ __all__ = ['PAPER_KEYS', 'NOTEBOOK_PARAMETERS', 'LAUNCHERS', 'LOW_IOU', 'LEARNT_
            'WEIGHTS_FILES', 'ASSUMED_COST', 'BLDA_COST', 'Row', 'TableSpec', 'tables_dir', 'available_tables',
            'parse_table', 'load_table', 'Run', 'plan_runs', 'run_state', 'RunOutcome', 'notebook_parameters',
            'execute_run', 'launch_local', 'launch_submitit', 'RowResult', 'aggregate', 'table_records',
-           'table_markdown', 'plot_table', 'regime_summary', 'write_table', 'ensure_toy', 'absolute_roots',
-           'add_arguments', 'reproduce', 'run', 'Check', 'check_dataset', 'check_class_stats', 'check_weights',
-           'run_bytes', 'check_disk', 'check_gpus', 'assumed_cost', 'trial_run', 'Preflight', 'preflight',
-           'preflight_report']
+           'table_markdown', 'plot_table', 'full_label', 'regime_summary', 'write_table', 'ensure_toy',
+           'absolute_roots', 'add_arguments', 'reproduce', 'run', 'Check', 'check_dataset', 'check_class_stats',
+           'check_weights', 'run_bytes', 'check_disk', 'check_gpus', 'assumed_cost', 'trial_run', 'Preflight',
+           'preflight', 'preflight_report']
 
 # %% ../nbs/41_reproduce.ipynb #26f8c1da
 PAPER_KEYS = ('mIoU', 'mIoU_std', 'mAcc', 'mAcc_std')
@@ -413,7 +413,7 @@ def table_markdown(spec: TableSpec, results: Sequence[RowResult]) -> str:
               '± : the standard deviation over seeds. Δ and gains are in mIoU (mAcc) points. '
               f'never predicted, IoU < {LOW_IOU:g}: the number of classes (mean over seeds) that the model predicts '
               f'on no target pixel, and whose target IoU is below {LOW_IOU:g} %.']
-    never = [f"{x.row.label if not x.row.baseline else spec.row(x.row.baseline).label + ' ' + x.row.label}: "
+    never = [f"{full_label(spec, x)}: "
              + ', '.join(f"{c}" + (f" ({n}/{len(x.seeds)} seeds)" if n < len(x.seeds) else '') for c, n in x.never_predicted.items())
              for x in results if x.never_predicted]
     if never: lines += ['', 'Classes never predicted on the target: ' + '; '.join(never) + '.']
@@ -421,7 +421,7 @@ def table_markdown(spec: TableSpec, results: Sequence[RowResult]) -> str:
     if held_out:   # the toy's regime check: is every class learnt where it was taught?
         lines += ['', f'Held-out source images (the toy\'s `source_val`, never trained on): lowest class IoU, and the classes '
                   f'below {LEARNT_IOU:g} IoU (mean over seeds).', '', '| Method | lowest class IoU | classes below |', '|---|---|---|']
-        lines += [f"| {x.row.label if not x.row.baseline else spec.row(x.row.baseline).label + ' ' + x.row.label} | "
+        lines += [f"| {full_label(spec, x)} | "
                   f"{_fmt(min(x.source_iou.values()))} | {', '.join(c for c, v in x.source_iou.items() if v < LEARNT_IOU) or '–'} |"
                   for x in held_out]
     failed = [(x.row.name, e) for x in results for e in x.errors]
@@ -453,14 +453,16 @@ def plot_table(results: Sequence[RowResult]):
     fig.tight_layout()
     return fig
 
+def full_label(spec: TableSpec, x: RowResult) -> str:
+    "A row's label with its baseline's in front ('DACS +BLDA'), for lines that name rows out of the table."
+    return x.row.label if not x.row.baseline else f"{spec.row(x.row.baseline).label} {x.row.label}"
+
 def regime_summary(spec: TableSpec, results: Sequence[RowResult]) -> str:
     """One line: per row, the classes never predicted and those below `LOW_IOU` on the target (means over
     seeds), and the lowest per-class IoU on the held-out source split where it was measured (the toy)."""
-    def label(x: RowResult) -> str:
-        return x.row.label if not x.row.baseline else f"{spec.row(x.row.baseline).label} {x.row.label}"
-    rows = [f"{label(x)} {_fmt(x.classes_never_predicted)}/{_fmt(x.classes_below)}" for x in results if x.seeds]
+    rows = [f"{full_label(spec, x)} {_fmt(x.classes_never_predicted)}/{_fmt(x.classes_below)}" for x in results if x.seeds]
     text = f"regime: classes never predicted / below {LOW_IOU:g} IoU on the target per row: " + ', '.join(rows)
-    sources = [(min(x.source_iou.values()), label(x)) for x in results if x.source_iou]
+    sources = [(min(x.source_iou.values()), full_label(spec, x)) for x in results if x.source_iou]
     if sources: text += "; lowest class IoU on held-out source images: " + ', '.join(f"{lab} {_fmt(v)}" for v, lab in sources)
     return text
 

@@ -117,12 +117,13 @@ def final_evaluation(result: TrainResult, posthoc_tau: float | None = 0.2, examp
 def source_validation_set(config: TrainConfig, host):
     """The toy's held-out source split (`source_val/` beside its source root, GTA5 layout), at the scale the
     target is evaluated at; None for the real benchmarks (every GTA5 / SYNTHIA image is a training image)."""
-    from blda.data import gta_dataset
+    from blda.registry import BENCHMARKS
     from blda.train import _scaled_size
     root = Path(config.source_root).parent/'source_val'
     if config.data != 'toy' or not (root/'sample_class_stats.json').is_file(): return None
-    scale = _scaled_size(None, host.data_scale, root, 'images/*.png')
-    return gta_dataset(root, scale=scale, crop_size=None, flip_prob=0.0, label_at_full_res=True)
+    source = BENCHMARKS['toy'].source   # the registry's loader and size of the toy's source, as training reads it
+    scale = _scaled_size(source.scale, host.data_scale, root, source.image_glob('val'))
+    return source.load(root, 'val', scale=scale, crop_size=None, flip_prob=0.0, label_at_full_res=True)
 
 # %% ../nbs/40_experiment.ipynb #4a7dbd4c
 def run_metrics(result: TrainResult, final: FinalEvaluation, row: str = '', seconds: dict | None = None,

@@ -13,14 +13,14 @@ from .errors import UserError
 from .provenance import provenance_columns, provenance_summary
 
 # %% auto #0
-__all__ = ['PAPER_KEYS', 'NOTEBOOK_PARAMETERS', 'LAUNCHERS', 'LOW_IOU', 'LEARNT_IOU', 'TOY_FOLDERS', 'FULL_IMAGES',
-           'WEIGHTS_FILES', 'ASSUMED_COST', 'BLDA_COST', 'Row', 'TableSpec', 'tables_dir', 'available_tables',
-           'parse_table', 'load_table', 'Run', 'plan_runs', 'run_state', 'RunOutcome', 'notebook_parameters',
-           'execute_run', 'launch_local', 'launch_submitit', 'RowResult', 'aggregate', 'table_records',
-           'table_markdown', 'plot_table', 'full_label', 'regime_summary', 'write_table', 'ensure_toy',
-           'absolute_roots', 'add_arguments', 'reproduce', 'run', 'Check', 'check_dataset', 'check_class_stats',
-           'check_weights', 'run_bytes', 'check_disk', 'check_gpus', 'assumed_cost', 'trial_run', 'Preflight',
-           'preflight', 'preflight_report']
+__all__ = ['PAPER_KEYS', 'NOTEBOOK_PARAMETERS', 'LAUNCHERS', 'STEP_COST', 'BLDA_STEP_COST', 'LOW_IOU', 'LEARNT_IOU',
+           'TOY_FOLDERS', 'FULL_IMAGES', 'WEIGHTS_FILES', 'ASSUMED_COST', 'BLDA_COST', 'Row', 'TableSpec', 'tables_dir',
+           'available_tables', 'parse_table', 'load_table', 'Run', 'plan_runs', 'run_state', 'RunOutcome',
+           'notebook_parameters', 'execute_run', 'launch_local', 'longest_first', 'launch_submitit', 'RowResult',
+           'aggregate', 'table_records', 'table_markdown', 'plot_table', 'full_label', 'regime_summary', 'write_table',
+           'ensure_toy', 'absolute_roots', 'add_arguments', 'reproduce', 'run', 'Check', 'check_dataset',
+           'check_class_stats', 'check_weights', 'run_bytes', 'check_disk', 'check_gpus', 'assumed_cost', 'trial_run',
+           'Preflight', 'preflight', 'preflight_report']
 
 # %% ../nbs/41_reproduce.ipynb #26f8c1da
 PAPER_KEYS = ('mIoU', 'mIoU_std', 'mAcc', 'mAcc_std')
@@ -285,6 +285,20 @@ def launch_local(runs: Sequence[Run], jobs: int = 1, device: str = 'auto', noteb
         return outcome
     with ThreadPoolExecutor(max_workers=jobs) as pool:   # each run is a kernel process: threads only wait
         return list(pool.map(one, runs))
+
+# The relative cost of a training step of each host at one crop size, about as measured on the toy table (CPU):
+# only an order, for `longest_first`
+STEP_COST = {'source_only': 1.0, 'dacs': 2.2, 'daformer': 2.6, 'mic': 3.5, 'cdac': 3.5, 'hrda': 2.6, 'mic_hrda': 3.5}
+BLDA_STEP_COST = 0.2
+
+def longest_first(runs: Sequence[Run]) -> list[Run]:
+    """`runs` ordered by their cost (`STEP_COST` × iterations × crop pixels), the longest first, ties in order:
+    with several jobs at a time the last run to finish is then a short one, not the longest one started last."""
+    def cost(r: Run) -> float:
+        crop = r.params.get('crop_size') or (512, 512)
+        step = STEP_COST.get(r.params.get('host', 'daformer'), 3.5) + (BLDA_STEP_COST if r.params.get('blda') else 0)
+        return step * (r.params.get('iterations') or 1) * crop[0] * crop[1]
+    return sorted(runs, key=cost, reverse=True)
 
 def launch_submitit(runs: Sequence[Run], folder: Path, cluster: str | None = None, device: str | None = None,
                     notebook: Path | None = None, slurm: dict | None = None, on_done=None) -> list[RunOutcome]:
@@ -598,8 +612,8 @@ def reproduce(table: str | Path = 'toy', out: Path | str | None = None, rows: Se
         def on_done(o: RunOutcome) -> None:
             done[0] += 1
             log(f"  [{done[0]}/{len(todo)}] {o.row} s{o.seed}: {o.state} in {o.seconds:.0f} s" + (f" — {o.error}" if o.error else ''))
-        if launcher == 'local':
-            launch_local(todo, jobs, device, on_done=on_done)
+        if launcher == 'local':   # longest first, so that the last run to finish is a short one
+            launch_local(longest_first(todo) if jobs > 1 else todo, jobs, device, on_done=on_done)
         else:
             launch_submitit(todo, out/'.submitit', 'local' if launcher == 'submitit-local' else None,
                             None if device == 'auto' else device, slurm=slurm, on_done=on_done)

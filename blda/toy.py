@@ -13,7 +13,8 @@ from .files import atomic_write, atomic_write_text
 
 # %% auto #0
 __all__ = ['DEFAULT_TOY_CONFIG', 'SIZE_PRESETS', 'OPTIONAL_KEYS', 'TRAIN_ID_TO_LABEL_ID', 'SOURCE_VAL_FIRST_INDEX',
-           'merge_config', 'toy_config', 'generate_scene', 'toy_files', 'make_toy', 'add_arguments', 'run']
+           'merge_config', 'toy_config', 'target_colors', 'generate_scene', 'toy_files', 'make_toy', 'add_arguments',
+           'run']
 
 # %% ../nbs/10_toy.ipynb #d7be6a02
 _C = {n: i for i, n in enumerate(CITYSCAPES_CLASSES)}
@@ -29,13 +30,18 @@ DEFAULT_TOY_CONFIG: dict = {
         'vegetation': [60, 135, 50], 'terrain': [145, 175, 95], 'sky': [130, 180, 235], 'person': [175, 60, 75],
         'rider': [180, 66, 82], 'car': [45, 65, 150], 'truck': [52, 72, 142], 'bus': [60, 80, 160],
         'train': [175, 170, 65], 'motorcycle': [95, 45, 125], 'bicycle': [125, 35, 55]},
-    # added to the source colour in the target; large vectors = classes that change appearance a lot
+    # added to the source colour in the target; large vectors = classes that change appearance a lot. Each is
+    # shortened to at most `appearance_shift_limit` × the distance from the class's source colour to the nearest
+    # source colour outside its `confusable` group (see `target_colors`)
     'appearance_shift': {
         'road': [10, 10, 5], 'sidewalk': [-15, -5, -25], 'building': [5, 5, 10], 'wall': [0, 5, 10],
         'fence': [-10, 0, 5], 'pole': [-40, -40, -40], 'light': [10, 10, 10], 'sign': [-170, -80, 150],
         'vegetation': [70, -10, -10], 'terrain': [40, -35, -30], 'sky': [60, 30, -40], 'person': [-90, 40, 80],
         'rider': [0, 0, 0], 'car': [10, 0, -10], 'truck': [30, 25, 10], 'bus': [0, 0, 0],
         'train': [-90, -60, 60], 'motorcycle': [20, 20, 0], 'bicycle': [90, 120, 120]},
+    'appearance_shift_limit': 0.5,
+    # classes that look alike in both domains by design, told apart by shape and context
+    'confusable': [['building', 'wall', 'fence'], ['person', 'rider'], ['car', 'truck', 'bus']],
     # per-instance colour spread (std, both domains): vehicles and people come in many colours
     'instance_color_std': {'car': 35, 'truck': 25, 'bus': 20, 'person': 30, 'rider': 30, 'motorcycle': 20,
                            'bicycle': 20, 'building': 15, 'vegetation': 10, 'train': 10},
@@ -48,10 +54,10 @@ DEFAULT_TOY_CONFIG: dict = {
     # real benchmark has 25 k images and 40 k steps (the regime section below measures this). Still a long tail.
     'domains': {
         'source': {
-            'instances': {'car': 4.0, 'truck': 0.9, 'bus': 0.35, 'train': 0.25, 'motorcycle': 0.45,
-                          'bicycle': 0.45, 'person': 2.0, 'pole': 2.5, 'tree': 1.5},
+            'instances': {'car': 4.0, 'truck': 0.9, 'bus': 0.35, 'train': 0.25, 'motorcycle': 0.9,
+                          'bicycle': 0.9, 'person': 2.0, 'pole': 2.5, 'tree': 1.5},
             'rider_prob': {'motorcycle': 0.9, 'bicycle': 0.5},
-            'light_prob': 0.6, 'sign_prob': 0.6,
+            'light_prob': 0.9, 'sign_prob': 0.6,
             'scene': {'wall_prob': 0.5, 'fence_prob': 0.45, 'terrain_prob': 0.5, 'horizon': [0.38, 0.5]},
             'render': {'gain': 1.0, 'tint': [0, 0, 0], 'texture': 0.0, 'noise_std': 0.0, 'blur_sigma': 0.0,
                        'vignette': 0.0, 'ego_vehicle_rows': 0.0}},
@@ -202,7 +208,7 @@ def _draw_street(cv: _Canvas, dom: dict, rng: np.random.Generator) -> dict:
             body = span & (ys <= foot) & (ys >= foot - height)
             if not is_wall:   # posts and two rails
                 rel = (ys - (foot - height)) / np.maximum(height, 1e-3)
-                body &= ((xs % 7) < 1.5) | (np.abs(rel - 0.15) < 0.1) | (np.abs(rel - 0.6) < 0.1)
+                body &= ((xs % 6) < 2.5) | (np.abs(rel - 0.15) < 0.13) | (np.abs(rel - 0.6) < 0.13)
             cv.paint(everywhere, body, cls, cv.instance_color(cls))
     return dict(yh=yh, vx=vx, k_road=k_road, k_walk=k_walk)
 
@@ -254,14 +260,14 @@ def _two_wheeler(cv: _Canvas, kind: str, yb: float, x: float, s: float, with_rid
     "A motorcycle (solid body) or a bicycle (thin frame), optionally with a rider on it."
     cls = _C[kind]
     color = cv.instance_color(cls)
-    w, r = s * 0.55, s * 0.14
+    w, r = s * 0.65, s * 0.16
     for wx in (x - w / 2 + r, x + w / 2 - r):
-        cv.ring(yb - r, wx, r, r * (1.0 if kind == 'motorcycle' else 0.45), cls, color, 0.3)
+        cv.ring(yb - r, wx, r, r * (1.0 if kind == 'motorcycle' else 0.6), cls, color, 0.6)
     if kind == 'motorcycle':
         cv.ellipse(yb - 1.7 * r, x, 0.7 * r, w * 0.35, cls, color)
     else:
-        cv.rect(yb - 1.6 * r, yb - 1.3 * r, x - w / 2 + r, x + w / 2 - r, cls, color)   # top tube
-        cv.rect(yb - 2.0 * r, yb - r, x - 0.04 * s, x + 0.04 * s, cls, color)           # seat post
+        cv.rect(yb - 1.7 * r, yb - 1.25 * r, x - w / 2 + r, x + w / 2 - r, cls, color)  # top tube
+        cv.rect(yb - 2.0 * r, yb - r, x - 0.06 * s, x + 0.06 * s, cls, color)           # seat post
     if with_rider:
         _person(cv, yb - 1.8 * r, x, s * 0.8, _C['rider'], legs=False)
         cv.rect(yb - 1.9 * r, yb - 0.6 * r, x - 0.05 * s, x + 0.05 * s, _C['rider'], cv.colors[_C['rider']], 0.6)
@@ -271,7 +277,7 @@ def _pole(cv: _Canvas, yb: float, x: float, s: float, light: bool, sign: bool, r
     h, w = s * rng.uniform(1.8, 2.6), max(s * 0.05, 0.9)
     cv.rect(yb - h, yb, x - w / 2, x + w / 2, _C['pole'], cv.colors[_C['pole']])
     if light:
-        lw, lh = max(4 * w, 2.0), max(0.35 * s, 2.5)
+        lw, lh = max(6 * w, 3.5), max(0.45 * s, 4.0)
         cv.rect(yb - h - lh * 0.2, yb - h + lh * 0.8, x - lw / 2, x + lw / 2, _C['light'], cv.colors[_C['light']])
         cv.ellipse(yb - h + lh * 0.25, x, lh * 0.12, lw * 0.3, _C['light'], np.array([230, 60, 40]), 1.0)
     if sign:
@@ -379,6 +385,28 @@ def _class_table(config: dict, key: str, default=0.0, width: int = 3) -> np.ndar
     out = np.array([table.get(n, default) for n in CITYSCAPES_CLASSES], np.float32)
     return out if width == 1 else out.reshape(len(CITYSCAPES_CLASSES), width)
 
+def target_colors(config: dict) -> np.ndarray:
+    """The target colour of each class `(19, 3)` float32: its source colour plus its `appearance_shift`, the shift
+    shortened to at most `appearance_shift_limit` × the distance from the class's source colour to the nearest
+    source colour of a class outside its `confusable` group (a limit of None keeps every shift as it is).
+
+    With a limit of at most 0.5, a class's target colour stays nearer its own source colour than any other
+    group's: the shift biases a class, it never repaints it as another one (see the regime section)."""
+    source, shift = _class_table(config, 'source_color'), _class_table(config, 'appearance_shift')
+    limit = config.get('appearance_shift_limit')
+    if limit is None: return source + shift
+    group_of = {}
+    for g, names in enumerate(config.get('confusable', [])):
+        unknown = set(names) - set(CITYSCAPES_CLASSES)
+        if unknown: raise ValueError(f"toy config 'confusable': unknown class name(s) {sorted(unknown)}")
+        group_of.update({n: f'group {g}' for n in names})
+    group = np.array([group_of.get(n, n) for n in CITYSCAPES_CLASSES])
+    distance = np.linalg.norm(source[:, None] - source[None], axis=-1)              # (19, 19)
+    nearest = np.where(group[:, None] == group[None], np.inf, distance).min(1)       # (19,)
+    length = np.linalg.norm(shift, axis=1)
+    scale = np.minimum(1.0, limit * nearest / np.maximum(length, 1e-6))
+    return (source + shift * scale[:, None]).astype(np.float32)
+
 def generate_scene(config: dict, domain: str, seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
     """One scene of `domain` ('source' or 'target'): RGB `(H, W, 3)` uint8 and label ids `(H, W)` uint8.
 
@@ -388,7 +416,7 @@ def generate_scene(config: dict, domain: str, seed: int, index: int) -> tuple[np
     W, H = dom.get('image_size') or config['image_size']   # a domain's own size, else the common one
     rng = np.random.default_rng([seed, ('source', 'target').index(domain), index])
     colors = _class_table(config, 'source_color')
-    if domain == 'target': colors = colors + _class_table(config, 'appearance_shift')
+    if domain == 'target': colors = target_colors(config)
     color_std = _class_table(config, 'instance_color_std', width=1)
     cv = _Canvas(H, W, colors, color_std, rng)
     geo = _draw_street(cv, dom, rng)

@@ -33,6 +33,7 @@ def _compiled_chunk():
     # Fusing the chunk into a few kernels removes most of the memory traffic of the eager version on a GPU.
     return torch.compile(_posthoc_chunk, dynamic=False)
 
+# %% ../nbs/05_adjust.ipynb #8d2f4b6e
 @torch.no_grad()
 def posthoc(logits: Tensor, tracker: LogitTracker, tau: float = 0.2, domain: str = 'target',
             chunk_pixels: int | None = None, compile: bool | None = None) -> Tensor:
@@ -41,7 +42,7 @@ def posthoc(logits: Tensor, tracker: LogitTracker, tau: float = 0.2, domain: str
     `logits`: `(B, C, H, W)`. Pairs (c, l) never estimated keep z_l; without anchors the scores are the
     plain softmax. Peak extra memory is about 4 × `chunk_pixels` × C² floats; the default chunk is 32768
     pixels on a GPU (few kernel launches) and 1024 on a CPU (cache-sized). `compile` fuses the work with
-    `torch.compile`; the default (None) does so on a GPU only, where it is about 5× faster (the first call
+    `torch.compile`; the default (None) does so on a GPU only, where it is much faster (the first call
     compiles)."""
     if domain not in DOMAINS: raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
     B, C, H, W = logits.shape

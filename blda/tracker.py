@@ -14,8 +14,8 @@ from .native import shift as native_shift, unavailable as native_unavailable
 
 # %% auto #0
 __all__ = ['DOMAINS', 'Shift', 'pixel_logits', 'LogitTracker', 'momentum_keep', 'random_ranks', 'grouped_random_order',
-           'sample_per_class', 'class_sample_sizes', 'class_samples', 'update', 'pixel_anchor_samples', 'SetState',
-           'UpdateSettings', 'masked_fit', 'static_update_step', 'shift', 'delta', 'label_cdf']
+           'sample_per_class', 'class_sample_sizes', 'class_samples', 'update', 'pixel_anchor_samples', 'shift',
+           'delta', 'label_cdf', 'SetState', 'UpdateSettings', 'masked_fit', 'static_update_step']
 
 # %% ../nbs/03_tracker.ipynb #92fa2d7a
 DOMAINS = ('source', 'target')
@@ -181,7 +181,7 @@ def random_ranks(n: int, device: torch.device | str | None = None) -> Tensor:
 def grouped_random_order(groups: Tensor, num_groups: int) -> Tensor:
     """Indices `(n,)` that order `groups` `(n,)` (values in [0, `num_groups`)) by group and uniformly at random
     within a group: one sort of the unique keys group · n + `random_ranks`, as int32 when they fit (an
-    int32 sort is 1.7× faster on the CPU than an int64 one, and the keys are unique, so the order is the same)."""
+    int32 sort is faster on the CPU than an int64 one, and the keys are unique, so the order is the same)."""
     n = groups.shape[0]
     keys = groups * n + random_ranks(n, groups.device)
     return torch.sort(keys.int() if num_groups * n < 2**31 else keys).indices
@@ -234,6 +234,9 @@ def class_samples(z: Tensor, pix_w: Tensor, idx: Tensor, real: Tensor) -> tuple[
     x = z.index_select(0, idx.view(-1)).view(R, N, z.shape[1]).transpose(1, 2)
     return x, pix_w.index_select(0, idx.view(-1)).view(R, N) * real
 
+LogitTracker._check_inputs = _check_inputs
+
+# %% ../nbs/03_tracker.ipynb #e4b07c2d
 @torch.no_grad()
 def update(self: LogitTracker, logits: Tensor, labels: Tensor, domain: str, weight: Tensor | None = None) -> None:
     """One momentum-EM update of `domain`'s grid (and, for `'source'`, of the anchors).
@@ -270,7 +273,7 @@ def update(self: LogitTracker, logits: Tensor, labels: Tensor, domain: str, weig
     if domain == 'source':
         self._update_anchors(z, y, valid, pix_w, sample, bool(anchor_ok), bool(anchor_fresh))
 
-LogitTracker._check_inputs, LogitTracker.update = _check_inputs, update
+LogitTracker.update = update
 
 # %% ../nbs/03_tracker.ipynb #8cdd0bf8
 def pixel_anchor_samples(z: Tensor, y: Tensor, valid: Tensor, pix_w: Tensor, max_pixels: int) -> tuple[Tensor, Tensor]:
@@ -316,90 +319,6 @@ def _update_anchors(self: LogitTracker, z: Tensor, y: Tensor, valid: Tensor, pix
 
 LogitTracker._update_anchors = _update_anchors
 
-# %% ../nbs/03_tracker.ipynb #665e608b
-class SetState(NamedTuple):
-    "One set of mixtures and its counters, flattened: a domain's grid as C·C entries, or the two anchors."
-    weights: Tensor     # (E, K)
-    means: Tensor       # (E, K)
-    variances: Tensor   # (E, K)
-    updates: Tensor     # (E,) long: fits so far
-    stale: Tensor       # (E,) calls since the last fit
-    steps: Tensor       # () long: calls to the set
-
-class UpdateSettings(NamedTuple):
-    "The tracker's hyper-parameters that `static_update_step` needs (plain numbers: compiled in as constants)."
-    num_classes: int
-    components: int
-    em_steps: int
-    var_floor: float
-    momentum: float
-    warmup: int
-    min_pixels: int
-    max_samples: int
-    min_rule: bool      # samples_per_class == 'min'
-    clamp: float
-    native: bool = False   # EM by the fused CPU kernels (eager CPU only)
-
-def masked_fit(s: SetState, x: Tensor, sample_weight: Tensor, mask: Tensor, counted: Tensor, h: UpdateSettings) -> SetState:
-    """`_fit_and_blend` with fixed shapes: fit every entry on `x`, `sample_weight` `(E, N)`, blend in the
-    entries where `mask` `(E,)` and leave the others exactly as they are; count the call if `counted` `()`."""
-    old = (s.weights, s.means, s.variances)
-    fresh = (s.updates == 0) & mask
-    init = init_from_quantiles(x, sample_weight, h.components, h.var_floor)
-    start = Mixture(*(torch.where(fresh[:, None], i, o) for i, o in zip(init, old)))
-    fit = em_fit(x, sample_weight, start, h.em_steps, h.var_floor, native=h.native)
-    keep = torch.where(mask, momentum_keep(s.steps, s.stale, fresh, h.momentum, h.warmup), 1.0)[:, None]
-    new = [torch.lerp(f.to(o.dtype), o, keep) for f, o in zip(fit, old)]
-    stale = torch.where(counted, torch.where(mask, 1.0, s.stale + 1), s.stale)
-    return SetState(*new, s.updates + mask.long(), stale, s.steps + counted.long())
-
-def static_update_step(z: Tensor, y: Tensor, pix_w: Tensor, grid: SetState, anchor: SetState | None,
-                       table: Tensor, h: UpdateSettings) -> tuple[SetState, SetState | None, Tensor]:
-    """`update` as a pure function of fixed shapes, without host synchronisation. `z` `(P, C)` pixel logits,
-    `y` `(P,)` labels, `pix_w` `(P,)` weights; `grid`, `anchor` (None for a target call) and the anchor
-    quantile `table` `(2, size)`: the state before. Returns the state after."""
-    C, P = h.num_classes, z.shape[0]
-    valid = (y >= 0) & (y < C) & (pix_w > 0)
-    key = torch.where(valid, y, C)
-    counts, ok, sizes = class_sample_sizes(key, C, h.min_pixels, h.max_samples, h.min_rule)
-    N = min(h.max_samples, P)
-    x, sw = class_samples(z, pix_w, *sample_per_class(key, sizes, N))            # every class: (C, C, N), (C, N)
-    grid = masked_fit(grid, x.reshape(C * C, N), sw[:, None, :].expand(C, C, N).reshape(C * C, N),
-                      ok[:, None].expand(C, C).reshape(-1), ok.any(), h)
-    if anchor is None: return grid, None, table
-    anchor_ok = counts.sum() >= h.min_pixels
-    ax, asw = pixel_anchor_samples(z, y, valid, pix_w, h.max_samples * C)
-    anchor = masked_fit(anchor, ax, asw, anchor_ok.expand(2), torch.ones_like(anchor_ok), h)
-    fresh_table = quantile_table(Mixture(anchor.weights, anchor.means, anchor.variances), h.clamp, table.shape[-1])
-    return grid, anchor, torch.where(anchor_ok, fresh_table, table)
-
-@functools.cache
-def _compiled_static():
-    # one graph, fixed shapes; fallback_random keeps eager's random streams (same pixels as eager)
-    return torch.compile(static_update_step, fullgraph=True, dynamic=False, options={'fallback_random': True})
-
-def _set_state(self: LogitTracker, name: str) -> SetState:
-    "Flat views of set `name`'s buffers."
-    K = self.components
-    return SetState(*(t.view(-1, K) for t in self.mixture(name)), getattr(self, f'{name}_updates').view(-1),
-                    getattr(self, f'{name}_stale').view(-1), getattr(self, f'{name}_steps'))
-
-@torch.no_grad()
-def _static_update(self: LogitTracker, z: Tensor, y: Tensor, pix_w: Tensor, domain: str) -> None:
-    "`update` through `static_update_step` (see above); `z` `(P, C)`, `y`, `pix_w` `(P,)`."
-    h = UpdateSettings(self.num_classes, self.components, self.em_steps, self.var_floor, self.momentum, self.warmup,
-                       self.min_pixels, self.max_samples, self.samples_per_class == 'min', self.clamp, self.uses_native(z))
-    step = _compiled_static() if self._compiles(z) else static_update_step
-    grid = self._set_state(domain)                                   # views of the buffers: written back below
-    anchor = self._set_state('anchor') if domain == 'source' else None
-    new_grid, new_anchor, table = step(z, y, pix_w, grid, anchor, self.anchor_table, h)
-    for bufs, values in ((grid, new_grid), (anchor, new_anchor)):
-        if values is not None:
-            for buf, value in zip(bufs, values): buf.copy_(value)
-    if anchor is not None: self.anchor_table.copy_(table)
-
-LogitTracker._set_state, LogitTracker._static_update = _set_state, _static_update
-
 # %% ../nbs/03_tracker.ipynb #b71051a0
 @torch.no_grad()
 def shift(self: LogitTracker, logits: Tensor, labels: Tensor, domain: str | Tensor) -> Shift:
@@ -433,6 +352,9 @@ def shift(self: LogitTracker, logits: Tensor, labels: Tensor, domain: str | Tens
     delta, label_cdf, label_est = (torch.cat(t) if len(parts) > 1 else t[0] for t in zip(*parts))
     return Shift(delta.view(B, H, W, C).permute(0, 3, 1, 2), label_cdf.view(B, H, W), label_est.view(B, H, W))
 
+LogitTracker.shift = shift
+
+# %% ../nbs/03_tracker.ipynb #1d6f0b93
 def _shift_chunk(zc: Tensor, g: Tensor, yk: Tensor, coef: Tensor, defined: Tensor, table: Tensor,
                  clamp: float) -> Shift:
     """`shift` on a chunk of p pixels, with flat shapes: `zc` `(p, C)` logits, `g` `(p,)` grid rows (2C where
@@ -456,6 +378,7 @@ def _shift_chunk(zc: Tensor, g: Tensor, yk: Tensor, coef: Tensor, defined: Tenso
     label_est = ok.view(-1).index_select(0, own)
     return Shift(torch.where(ok, moved.sub_(zc), 0.0), torch.where(label_est, own_cdf.clamp(0, 1), 0.0), label_est)
 
+# %% ../nbs/03_tracker.ipynb #a85c3e27
 def delta(self: LogitTracker, logits: Tensor, labels: Tensor, domain: str | Tensor) -> Tensor:
     "Δ `(B, C, H, W)`: Δ_{y,l}(z_l) = A⁻¹(clamp(F_{y,l}(z_l), r, 1 − r)) − z_l; 0 where not estimated or ignored."
     return self.shift(logits, labels, domain).delta
@@ -464,4 +387,90 @@ def label_cdf(self: LogitTracker, logits: Tensor, labels: Tensor, domain: str | 
     "F_{y,y}(z_y) `(B, H, W)`, the target of the cumulative-density head (0 where not estimated)."
     return self.shift(logits, labels, domain).label_cdf
 
-LogitTracker.shift, LogitTracker.delta, LogitTracker.label_cdf = shift, delta, label_cdf
+LogitTracker.delta, LogitTracker.label_cdf = delta, label_cdf
+
+# %% ../nbs/03_tracker.ipynb #665e608b
+class SetState(NamedTuple):
+    "One set of mixtures and its counters, flattened: a domain's grid as C·C entries, or the two anchors."
+    weights: Tensor     # (E, K)
+    means: Tensor       # (E, K)
+    variances: Tensor   # (E, K)
+    updates: Tensor     # (E,) long: fits so far
+    stale: Tensor       # (E,) calls since the last fit
+    steps: Tensor       # () long: calls to the set
+
+class UpdateSettings(NamedTuple):
+    "The tracker's hyper-parameters that `static_update_step` needs (plain numbers: compiled in as constants)."
+    num_classes: int
+    components: int
+    em_steps: int
+    var_floor: float
+    momentum: float
+    warmup: int
+    min_pixels: int
+    max_samples: int
+    min_rule: bool      # samples_per_class == 'min'
+    clamp: float
+    native: bool = False   # EM by the fused CPU kernels (eager CPU only)
+
+# %% ../nbs/03_tracker.ipynb #3f8a6d52
+def masked_fit(s: SetState, x: Tensor, sample_weight: Tensor, mask: Tensor, counted: Tensor, h: UpdateSettings) -> SetState:
+    """`_fit_and_blend` with fixed shapes: fit every entry on `x`, `sample_weight` `(E, N)`, blend in the
+    entries where `mask` `(E,)` and leave the others exactly as they are; count the call if `counted` `()`."""
+    old = (s.weights, s.means, s.variances)
+    fresh = (s.updates == 0) & mask
+    init = init_from_quantiles(x, sample_weight, h.components, h.var_floor)
+    start = Mixture(*(torch.where(fresh[:, None], i, o) for i, o in zip(init, old)))
+    fit = em_fit(x, sample_weight, start, h.em_steps, h.var_floor, native=h.native)
+    keep = torch.where(mask, momentum_keep(s.steps, s.stale, fresh, h.momentum, h.warmup), 1.0)[:, None]
+    new = [torch.lerp(f.to(o.dtype), o, keep) for f, o in zip(fit, old)]
+    stale = torch.where(counted, torch.where(mask, 1.0, s.stale + 1), s.stale)
+    return SetState(*new, s.updates + mask.long(), stale, s.steps + counted.long())
+
+def static_update_step(z: Tensor, y: Tensor, pix_w: Tensor, grid: SetState, anchor: SetState | None,
+                       table: Tensor, h: UpdateSettings) -> tuple[SetState, SetState | None, Tensor]:
+    """`update` as a pure function of fixed shapes, without host synchronisation. `z` `(P, C)` pixel logits,
+    `y` `(P,)` labels, `pix_w` `(P,)` weights; `grid`, `anchor` (None for a target call) and the anchor
+    quantile `table` `(2, size)`: the state before. Returns the state after."""
+    C, P = h.num_classes, z.shape[0]
+    valid = (y >= 0) & (y < C) & (pix_w > 0)
+    key = torch.where(valid, y, C)
+    counts, ok, sizes = class_sample_sizes(key, C, h.min_pixels, h.max_samples, h.min_rule)
+    N = min(h.max_samples, P)
+    x, sw = class_samples(z, pix_w, *sample_per_class(key, sizes, N))            # every class: (C, C, N), (C, N)
+    grid = masked_fit(grid, x.reshape(C * C, N), sw[:, None, :].expand(C, C, N).reshape(C * C, N),
+                      ok[:, None].expand(C, C).reshape(-1), ok.any(), h)
+    if anchor is None: return grid, None, table
+    anchor_ok = counts.sum() >= h.min_pixels
+    ax, asw = pixel_anchor_samples(z, y, valid, pix_w, h.max_samples * C)
+    anchor = masked_fit(anchor, ax, asw, anchor_ok.expand(2), torch.ones_like(anchor_ok), h)
+    fresh_table = quantile_table(Mixture(anchor.weights, anchor.means, anchor.variances), h.clamp, table.shape[-1])
+    return grid, anchor, torch.where(anchor_ok, fresh_table, table)
+
+# %% ../nbs/03_tracker.ipynb #b9e2c471
+@functools.cache
+def _compiled_static():
+    # one graph, fixed shapes; fallback_random keeps eager's random streams (same pixels as eager)
+    return torch.compile(static_update_step, fullgraph=True, dynamic=False, options={'fallback_random': True})
+
+def _set_state(self: LogitTracker, name: str) -> SetState:
+    "Flat views of set `name`'s buffers."
+    K = self.components
+    return SetState(*(t.view(-1, K) for t in self.mixture(name)), getattr(self, f'{name}_updates').view(-1),
+                    getattr(self, f'{name}_stale').view(-1), getattr(self, f'{name}_steps'))
+
+@torch.no_grad()
+def _static_update(self: LogitTracker, z: Tensor, y: Tensor, pix_w: Tensor, domain: str) -> None:
+    "`update` through `static_update_step` (see above); `z` `(P, C)`, `y`, `pix_w` `(P,)`."
+    h = UpdateSettings(self.num_classes, self.components, self.em_steps, self.var_floor, self.momentum, self.warmup,
+                       self.min_pixels, self.max_samples, self.samples_per_class == 'min', self.clamp, self.uses_native(z))
+    step = _compiled_static() if self._compiles(z) else static_update_step
+    grid = self._set_state(domain)                                   # views of the buffers: written back below
+    anchor = self._set_state('anchor') if domain == 'source' else None
+    new_grid, new_anchor, table = step(z, y, pix_w, grid, anchor, self.anchor_table, h)
+    for bufs, values in ((grid, new_grid), (anchor, new_anchor)):
+        if values is not None:
+            for buf, value in zip(bufs, values): buf.copy_(value)
+    if anchor is not None: self.anchor_table.copy_(table)
+
+LogitTracker._set_state, LogitTracker._static_update = _set_state, _static_update

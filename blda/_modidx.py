@@ -526,6 +526,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'blda.train._derived_seed': ('train.html#_derived_seed', 'blda/train.py'),
                             'blda.train._evaluate': ('train.html#_evaluate', 'blda/train.py'),
                             'blda.train._join_processes': ('train.html#_join_processes', 'blda/train.py'),
+                            'blda.train._normalise_and_check': ('train.html#_normalise_and_check', 'blda/train.py'),
                             'blda.train._scaled_size': ('train.html#_scaled_size', 'blda/train.py'),
                             'blda.train._train': ('train.html#_train', 'blda/train.py'),
                             'blda.train._valid_device': ('train.html#_valid_device', 'blda/train.py'),

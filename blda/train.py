@@ -35,7 +35,7 @@ __all__ = ['DATA_PRESETS', 'PRECISIONS', 'RESUMABLE_CHANGES', 'TIMING_KEYS', 'Tr
            'json_safe', 'write_log', 'read_log', 'retain_freed_memory', 'TrainResult', 'resolve_device',
            'caller_random_state', 'train']
 
-# %% ../nbs/31_train.ipynb #0f247eaf
+# %% ../nbs/31_train.ipynb #a000e472
 PRECISIONS = ('bf16', 'fp32')
 # Fields that may change between a run and its resumption: they do not change the training computation
 # (evaluation runs under a forked random state and leaves the model as it was).
@@ -45,6 +45,15 @@ RESUMABLE_CHANGES = ('stop_after', 'progress', 'resume', 'num_workers', 'device'
                      'output_dir', 'source_root', 'target_root', 'log_interval', 'eval_interval', 'eval_mode',
                      'eval_max_images', 'eval_posthoc_tau', 'gmm_static')
 
+def _check_field(ok: bool, name: str, message: str, value) -> None:
+    if not ok: raise ValueError(f"TrainConfig.{name} {message}, got {value!r}")
+
+def _valid_device(device: str) -> bool:
+    if device == 'auto': return True
+    try: return torch.device(device).type in ('cpu', 'cuda')
+    except (RuntimeError, TypeError): return False
+
+# %% ../nbs/31_train.ipynb #0f247eaf
 @dataclass(frozen=True)
 class TrainConfig:
     "Every parameter of one experiment."
@@ -104,58 +113,7 @@ class TrainConfig:
     resume: bool = True                     # continue from output_dir/checkpoint.pt if it exists
     progress: bool = True
 
-    def __post_init__(self):
-        def fix(name, value): object.__setattr__(self, name, value)
-        for name, n in (('crop_size', 2), ('pseudo_margins', 4)):
-            v = getattr(self, name)
-            if v is not None:
-                try: v = tuple(int(x) for x in v)
-                except (TypeError, ValueError): raise ValueError(f"TrainConfig.{name} must be {n} integers or None, got {v!r}") from None
-                if len(v) != n: raise ValueError(f"TrainConfig.{name} must be {n} integers or None, got {v!r}")
-                fix(name, v)
-        c = lambda ok, name, msg: _check_field(ok, name, msg, getattr(self, name))
-        c(self.host in HOSTS, 'host', f"must be one of {sorted(HOSTS)}")
-        try: fix('host_options', resolve_host_options(HOSTS[self.host], self.host_options))
-        except ValueError as e: raise ValueError(f"TrainConfig.host_options: {e}") from None
-        c(str(self.arch).lower() in ARCH_ALIASES, 'arch', "must be 'T' or 'C'")
-        c(self.encoder is None or encoder_known(self.encoder), 'encoder',
-          "is not an smp encoder (e.g. 'mit_b5', 'mit_b0', 'resnet101', 'resnet18', or a timm name as 'tu-resnet101c')")
-        c(self.num_classes >= 2, 'num_classes', "must be at least 2")
-        c(self.tau >= 0, 'tau', "must be ≥ 0")
-        c(self.cdf_weight >= 0, 'cdf_weight', "must be ≥ 0")
-        c(self.mixed_tau is None or self.mixed_tau >= 0, 'mixed_tau', "must be None or ≥ 0")
-        c(self.min_pixels >= 1, 'min_pixels', "must be ≥ 1")
-        c(self.gmm_components >= 1, 'gmm_components', "must be ≥ 1")
-        c(0 <= self.gmm_momentum < 1, 'gmm_momentum', "must lie in [0, 1)")
-        c(self.em_steps >= 1, 'em_steps', "must be ≥ 1")
-        c(self.gmm_warmup >= 0, 'gmm_warmup', "must be ≥ 0")
-        c(self.embed_dim >= 1, 'embed_dim', "must be ≥ 1")
-        c(self.alpha is None or 0 <= self.alpha < 1, 'alpha', "must be None or lie in [0, 1)")
-        c(0 < self.pseudo_threshold <= 1, 'pseudo_threshold', "must lie in (0, 1]")
-        c(self.fd_weight is None or self.fd_weight >= 0, 'fd_weight', "must be None or ≥ 0")
-        c(self.data in BENCHMARKS, 'data', f"must be one of {sorted(BENCHMARKS)}")
-        c(self.crop_size is None or min(self.crop_size) >= 1, 'crop_size', "must be None or two positive integers")
-        c(self.rcs_min_pixels is None or self.rcs_min_pixels >= 1, 'rcs_min_pixels', "must be None or ≥ 1")
-        c(self.pseudo_margins is None or min(self.pseudo_margins) >= 0, 'pseudo_margins', "must be None or four integers ≥ 0")
-        c(self.batch_size >= 1, 'batch_size', "must be ≥ 1")
-        c(self.num_workers >= 0, 'num_workers', "must be ≥ 0")
-        c(self.iterations >= 1, 'iterations', "must be ≥ 1")
-        c(self.lr > 0, 'lr', "must be > 0")
-        c(self.weight_decay >= 0, 'weight_decay', "must be ≥ 0")
-        c(self.warmup_iters >= 0, 'warmup_iters', "must be ≥ 0")
-        c(0 < self.warmup_ratio <= 1, 'warmup_ratio', "must lie in (0, 1]")
-        c(self.poly_power >= 0, 'poly_power', "must be ≥ 0")
-        c(self.precision in PRECISIONS, 'precision', f"must be one of {PRECISIONS}")
-        c(_valid_device(self.device), 'device', "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        c(bool(str(self.output_dir)), 'output_dir', "must not be empty")
-        c(self.log_interval >= 1, 'log_interval', "must be ≥ 1")
-        c(self.eval_interval >= 0, 'eval_interval', "must be ≥ 0")
-        c(self.eval_mode in (None, 'whole', 'slide'), 'eval_mode', "must be 'whole', 'slide' or None")
-        c(self.eval_max_images is None or self.eval_max_images >= 1, 'eval_max_images', "must be None or ≥ 1")
-        c(self.eval_posthoc_tau is None or (self.eval_posthoc_tau >= 0 and self.blda), 'eval_posthoc_tau',
-          "must be None, or ≥ 0 with blda=True (it needs the tracker)")
-        c(self.checkpoint_interval >= 0, 'checkpoint_interval', "must be ≥ 0")
-        c(self.stop_after is None or self.stop_after >= 1, 'stop_after', "must be None or ≥ 1")
+    def __post_init__(self): _normalise_and_check(self)   # below
 
     def to_dict(self) -> dict: return dataclasses.asdict(self)
 
@@ -165,19 +123,67 @@ class TrainConfig:
         if unknown: raise ValueError(f"unknown TrainConfig field(s): {unknown}")
         return cls(**d)
 
+# %% ../nbs/31_train.ipynb #3c30dd15
+def _normalise_and_check(config: TrainConfig) -> None:
+    "`TrainConfig.__post_init__`: sequences to tuples, the host options resolved, every field checked."
+    def fix(name, value): object.__setattr__(config, name, value)
+    for name, n in (('crop_size', 2), ('pseudo_margins', 4)):
+        v = getattr(config, name)
+        if v is not None:
+            try: v = tuple(int(x) for x in v)
+            except (TypeError, ValueError): raise ValueError(f"TrainConfig.{name} must be {n} integers or None, got {v!r}") from None
+            if len(v) != n: raise ValueError(f"TrainConfig.{name} must be {n} integers or None, got {v!r}")
+            fix(name, v)
+    c = lambda ok, name, msg: _check_field(ok, name, msg, getattr(config, name))
+    c(config.host in HOSTS, 'host', f"must be one of {sorted(HOSTS)}")
+    try: fix('host_options', resolve_host_options(HOSTS[config.host], config.host_options))
+    except ValueError as e: raise ValueError(f"TrainConfig.host_options: {e}") from None
+    c(str(config.arch).lower() in ARCH_ALIASES, 'arch', "must be 'T' or 'C'")
+    c(config.encoder is None or encoder_known(config.encoder), 'encoder',
+      "is not an smp encoder (e.g. 'mit_b5', 'mit_b0', 'resnet101', 'resnet18', or a timm name as 'tu-resnet101c')")
+    c(config.num_classes >= 2, 'num_classes', "must be at least 2")
+    c(config.tau >= 0, 'tau', "must be ≥ 0")
+    c(config.cdf_weight >= 0, 'cdf_weight', "must be ≥ 0")
+    c(config.mixed_tau is None or config.mixed_tau >= 0, 'mixed_tau', "must be None or ≥ 0")
+    c(config.min_pixels >= 1, 'min_pixels', "must be ≥ 1")
+    c(config.gmm_components >= 1, 'gmm_components', "must be ≥ 1")
+    c(0 <= config.gmm_momentum < 1, 'gmm_momentum', "must lie in [0, 1)")
+    c(config.em_steps >= 1, 'em_steps', "must be ≥ 1")
+    c(config.gmm_warmup >= 0, 'gmm_warmup', "must be ≥ 0")
+    c(config.embed_dim >= 1, 'embed_dim', "must be ≥ 1")
+    c(config.alpha is None or 0 <= config.alpha < 1, 'alpha', "must be None or lie in [0, 1)")
+    c(0 < config.pseudo_threshold <= 1, 'pseudo_threshold', "must lie in (0, 1]")
+    c(config.fd_weight is None or config.fd_weight >= 0, 'fd_weight', "must be None or ≥ 0")
+    c(config.data in BENCHMARKS, 'data', f"must be one of {sorted(BENCHMARKS)}")
+    c(config.crop_size is None or min(config.crop_size) >= 1, 'crop_size', "must be None or two positive integers")
+    c(config.rcs_min_pixels is None or config.rcs_min_pixels >= 1, 'rcs_min_pixels', "must be None or ≥ 1")
+    c(config.pseudo_margins is None or min(config.pseudo_margins) >= 0, 'pseudo_margins', "must be None or four integers ≥ 0")
+    c(config.batch_size >= 1, 'batch_size', "must be ≥ 1")
+    c(config.num_workers >= 0, 'num_workers', "must be ≥ 0")
+    c(config.iterations >= 1, 'iterations', "must be ≥ 1")
+    c(config.lr > 0, 'lr', "must be > 0")
+    c(config.weight_decay >= 0, 'weight_decay', "must be ≥ 0")
+    c(config.warmup_iters >= 0, 'warmup_iters', "must be ≥ 0")
+    c(0 < config.warmup_ratio <= 1, 'warmup_ratio', "must lie in (0, 1]")
+    c(config.poly_power >= 0, 'poly_power', "must be ≥ 0")
+    c(config.precision in PRECISIONS, 'precision', f"must be one of {PRECISIONS}")
+    c(_valid_device(config.device), 'device', "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    c(bool(str(config.output_dir)), 'output_dir', "must not be empty")
+    c(config.log_interval >= 1, 'log_interval', "must be ≥ 1")
+    c(config.eval_interval >= 0, 'eval_interval', "must be ≥ 0")
+    c(config.eval_mode in (None, 'whole', 'slide'), 'eval_mode', "must be 'whole', 'slide' or None")
+    c(config.eval_max_images is None or config.eval_max_images >= 1, 'eval_max_images', "must be None or ≥ 1")
+    c(config.eval_posthoc_tau is None or (config.eval_posthoc_tau >= 0 and config.blda), 'eval_posthoc_tau',
+      "must be None, or ≥ 0 with blda=True (it needs the tracker)")
+    c(config.checkpoint_interval >= 0, 'checkpoint_interval', "must be ≥ 0")
+    c(config.stop_after is None or config.stop_after >= 1, 'stop_after', "must be None or ≥ 1")
+
+# %% ../nbs/31_train.ipynb #0466826e
 def config_differences(old: dict, new: dict) -> list[str]:
     """The fields, outside `RESUMABLE_CHANGES`, in which two `TrainConfig.to_dict()`s (or their JSON) differ. A run
     recorded before host options existed has none, which is what `host_options={}` means."""
     old, new = {'host_options': {}, **old}, {'host_options': {}, **new}
     return sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
-
-def _check_field(ok: bool, name: str, message: str, value) -> None:
-    if not ok: raise ValueError(f"TrainConfig.{name} {message}, got {value!r}")
-
-def _valid_device(device: str) -> bool:
-    if device == 'auto': return True
-    try: return torch.device(device).type in ('cpu', 'cuda')
-    except (RuntimeError, TypeError): return False
 
 # %% ../nbs/31_train.ipynb #b181ca11
 def benchmark_margins(benchmark: Benchmark, target_root: Path) -> tuple[int, int, int, int]:
@@ -210,6 +216,7 @@ def resolve_host(config: TrainConfig, device: torch.device | None = None) -> tup
     if not step.target_branch: margins = None
     return host, margins
 
+# %% ../nbs/31_train.ipynb #7a77cb6e
 @dataclass
 class Datasets:
     "What `build_datasets` returns."
@@ -374,10 +381,11 @@ def seed_everything(seed: int) -> None:
     s = _derived_seed(seed, 1)
     random.seed(s); np.random.seed(s % 2**32); torch.manual_seed(s)
 
+# %% ../nbs/31_train.ipynb #40087125
 def save_checkpoint(path: Path, state: TrainState, config: TrainConfig, iteration: int, log: list[dict],
                     ranks: list[dict] | None = None) -> None:
-    """Everything needed to continue at `iteration` exactly (see the top of this notebook). `ranks`: with
-    several processes, every rank's random states (`rank_random_states`), in rank order."""
+    """Everything needed to continue at `iteration` exactly (*Exact resume* in the notebook's notes). `ranks`:
+    with several processes, every rank's random states (`rank_random_states`), in rank order."""
     payload = dict(iteration=iteration, config=config.to_dict(), state=state.state_dict(), rng=rng_state(), log=log,
                    world_size=len(ranks) if ranks else 1)
     if ranks: payload['ranks'] = ranks
@@ -417,6 +425,7 @@ def read_checkpoint(path: Path | str) -> dict:
     if missing: raise CheckpointError(f"{path} was not written by blda train (no {', '.join(missing)})")
     return ckpt
 
+# %% ../nbs/31_train.ipynb #1a96815e
 def load_checkpoint(path: Path, state: TrainState, config: TrainConfig, rank: int = 0,
                     world: int = 1) -> tuple[int, list[dict]]:
     """Restore `state` and the random states (those of process `rank` of `world`) from `path`; returns
@@ -463,6 +472,7 @@ def rank_random_states(state: TrainState) -> list[dict]:
     dist.all_gather_object(out, mine)
     return out
 
+# %% ../nbs/31_train.ipynb #7317b805
 def json_safe(obj):
     "`obj` with NaN/inf floats replaced by None (JSON null), recursively through dicts and lists."
     if isinstance(obj, float): return obj if math.isfinite(obj) else None
@@ -509,6 +519,7 @@ class TrainResult:
         "The last evaluation record, or None."
         return next((r for r in reversed(self.log) if r['kind'] == 'eval'), None)
 
+# %% ../nbs/31_train.ipynb #bd3c25d8
 def resolve_device(device: str) -> torch.device:
     if device == 'auto': return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     d = torch.device(device)
@@ -523,6 +534,7 @@ def _evaluate(state: TrainState, datasets: Datasets, config: TrainConfig, host: 
                         posthoc_tau=config.eval_posthoc_tau, classes=BENCHMARKS[config.data].eval_classes,
                         device=device, amp=host.step.amp, max_images=config.eval_max_images)
 
+# %% ../nbs/31_train.ipynb #0e47c052
 _FIND_UNUSED = False   # every pass of every host reaches every student parameter (see below)
 
 @dataclass(frozen=True)
@@ -572,6 +584,7 @@ def _join_processes(device: str) -> _Procs:
         dist.init_process_group('nccl' if d.type == 'cuda' else 'gloo', timeout=datetime.timedelta(hours=1))
     return _Procs(dist.get_rank(), dist.get_world_size(), d, not initialised)
 
+# %% ../nbs/31_train.ipynb #bd069805
 @contextlib.contextmanager
 def caller_random_state(device: torch.device):
     """Python's, NumPy's and PyTorch's global random states (CPU, and `device` on CUDA) as they were before the
@@ -583,14 +596,15 @@ def caller_random_state(device: torch.device):
         finally: random.setstate(python); np.random.set_state(numpy_state)
 
 def train(config: TrainConfig) -> TrainResult:
-    """Run (or resume) the experiment `config`, in one process or in each of a `torchrun` job's; see above. The
-    caller's global random states are left as they were."""
+    """Run (or resume) the experiment `config`, in one process or in each of a `torchrun` job's (*Several
+    processes* in the notes). The caller's global random states are left as they were."""
     procs = _join_processes(config.device)
     try:
         with caller_random_state(procs.device): return _train(config, procs)
     finally:
         if procs.owns_group: dist.destroy_process_group()
 
+# %% ../nbs/31_train.ipynb #e5813d2c
 def _train(config: TrainConfig, procs: _Procs) -> TrainResult:
     device, lead = procs.device, procs.lead
     out = Path(config.output_dir)
@@ -671,4 +685,3 @@ def _train(config: TrainConfig, procs: _Procs) -> TrainResult:
         if bar is not None: bar.close()   # here, so that an error's message also starts on a line of its own
         torch.use_deterministic_algorithms(previous_determinism)
     return TrainResult(config, out, done, state, log, host)
-

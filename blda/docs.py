@@ -96,6 +96,7 @@ def render_page(page: Page, exporter=None) -> str:
 UNRENDERED = 'blda-tex'       # the class of a formula left as TeX source (code), because it could not be converted
 _OPERATOR_NAMES = re.compile(r'\\(arg|Pr)(?![A-Za-z])')   # operators latex2mathml does not know
 _TEX_COMMAND = re.compile(r'\\[A-Za-z]')
+_FONT_ARGUMENT = re.compile(r'\\(mathbb|mathcal|mathfrak|mathscr|mathbf|mathsf|mathtt|mathit|mathrm)\s*([A-Za-z0-9])')
 _TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
 {%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
 {%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
@@ -107,7 +108,8 @@ def tex_to_mathml(tex: str, display: bool = False) -> str | None:
     """The MathML (`<math>…</math>`) of the TeX formula `tex`, a block formula if `display`, else inline;
     None if latex2mathml fails on it or its MathML is not well-formed or still holds a TeX command."""
     from latex2mathml.converter import convert
-    try: mathml = convert(_OPERATOR_NAMES.sub(r'\\operatorname{\1}', tex.strip()), display='block' if display else 'inline')
+    tex = _FONT_ARGUMENT.sub(r'\\\1{\2}', _OPERATOR_NAMES.sub(r'\\operatorname{\1}', tex.strip()))
+    try: mathml = convert(tex, display='block' if display else 'inline')
     except Exception: return None              # the converter raises many types on TeX it cannot parse
     try: root = ET.fromstring(mathml)
     except ET.ParseError: return None

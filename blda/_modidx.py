@@ -465,6 +465,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                           'blda.toy.run': ('toy.html#run', 'blda/toy.py'),
                           'blda.toy.target_colors': ('toy.html#target_colors', 'blda/toy.py'),
                           'blda.toy.toy_config': ('toy.html#toy_config', 'blda/toy.py'),
+                          'blda.toy.toy_digest': ('toy.html#toy_digest', 'blda/toy.py'),
                           'blda.toy.toy_files': ('toy.html#toy_files', 'blda/toy.py')},
             'blda.tracker': { 'blda.tracker.LogitTracker': ('tracker.html#logittracker', 'blda/tracker.py'),
                               'blda.tracker.LogitTracker.__init__': ('tracker.html#logittracker.__init__', 'blda/tracker.py'),

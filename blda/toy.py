@@ -13,8 +13,8 @@ from .files import atomic_write, atomic_write_text
 
 # %% auto #0
 __all__ = ['DEFAULT_TOY_CONFIG', 'SIZE_PRESETS', 'OPTIONAL_KEYS', 'TRAIN_ID_TO_LABEL_ID', 'SOURCE_VAL_FIRST_INDEX',
-           'merge_config', 'toy_config', 'target_colors', 'generate_scene', 'toy_files', 'make_toy', 'add_arguments',
-           'run']
+           'merge_config', 'toy_config', 'target_colors', 'generate_scene', 'toy_files', 'toy_digest', 'make_toy',
+           'add_arguments', 'run']
 
 # %% ../nbs/10_toy.ipynb #d7be6a02
 _C = {n: i for i, n in enumerate(CITYSCAPES_CLASSES)}
@@ -473,6 +473,10 @@ def _make_one(job: tuple) -> None:
     _write_png(img_path, img)
     _write_png(lab_path, lab)
 
+def toy_digest(config: dict, seed: int = 0) -> str:
+    "The SHA-1 (hex) of the toy made with `config` and `seed`: what `OUT/toy_config.json` records and compares."
+    return hashlib.sha1(json.dumps({'seed': seed, 'config': config}, sort_keys=True).encode()).hexdigest()
+
 def make_toy(out: Path | str, config: dict | None = None, seed: int = 0, nproc: int = 1,
              progress: bool = True) -> dict:
     """Generate the toy benchmark under `out` (skipping what is already complete); returns a summary
@@ -481,7 +485,7 @@ def make_toy(out: Path | str, config: dict | None = None, seed: int = 0, nproc: 
     target_colors(config)                      # a bad class name in the config fails here, before any file is written
     out = Path(out)
     record = {'seed': seed, 'config': config}
-    digest = hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    digest = toy_digest(config, seed)
     stamp = out/'toy_config.json'
     if stamp.exists():
         try: previous = json.loads(stamp.read_text())

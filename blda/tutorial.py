@@ -54,8 +54,9 @@ def tutorial_toy(override: dict | None = None, root: Path | str | None = None) -
     """The folder of the tutorials' toy of config `tutorial_config(override)` (seed 0), generated and prepared
     the first time: `root/toy-<first 12 digits of the config's digest>` (`root`: `tutorial_root()`)."""
     from blda.reproduce import ensure_toy
+    from blda.toy import toy_digest
     config = tutorial_config(override)
-    digest = hashlib.sha1(json.dumps({'seed': 0, 'config': config}, sort_keys=True).encode()).hexdigest()
+    digest = toy_digest(config)
     folder = Path(root if root is not None else tutorial_root())/f'toy-{digest[:12]}'
     with _locked(folder.parent), _quiet():
         ensure_toy(folder, override=config, progress=False, log=lambda *_: None)   # the full config as override: itself

@@ -6,6 +6,8 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+# --no-compile: byte-compiling every file of the stack (torch's tests included) was nearly half of a fresh
+# install; Python compiles the modules a run imports, once, on first import.
 # The stamp changes whenever the pinned requirements or the package metadata change.
 STAMP  := $(VENV)/.installed-$(shell cat requirements-test.txt pyproject.toml 2>/dev/null | sha1sum | cut -c1-12)
 export HF_HUB_OFFLINE := 1
@@ -21,8 +23,8 @@ venv: $(STAMP)
 $(STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements-test.txt
-	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip install --quiet --no-compile -r requirements-test.txt
+	$(BIN)/python -m pip install --quiet --no-compile --no-deps --no-build-isolation -e .
 	@rm -f $(VENV)/.installed-* && touch $@
 
 table: venv

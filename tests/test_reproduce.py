@@ -240,3 +240,18 @@ def test_check_passes_on_real_size_data_with_official_weight_layouts(real_toy, t
     assert not (tmp_path/'results').exists()          # the trials ran in a temporary folder
     p = reproduce(env, 'gta2cs', '--check', '--rows', 'dacs-C', '--device', 'cpu')    # without --allow-partial: a gap
     assert p.returncode == 1 and 'accept fewer with --allow-partial' in p.stdout
+
+
+@pytest.mark.parametrize('name', ['toy-shifted', 'toy-other'])
+def test_regime_check_tables_change_the_toy_and_nothing_else(name):
+    """The regime checks on other toys: each table's own toy is a valid config other than the default toy's
+    (a bad class name would stop `blda toy`), and its rows train exactly as the toy table's rows do."""
+    from blda.toy import target_colors, toy_config, toy_digest
+    spec, toy = load_table(name), load_table('toy')
+    config = toy_config(override=spec.toy)
+    assert len(target_colors(config)) == 19
+    assert toy_digest(config) != toy_digest(toy_config())
+    assert spec.toy['appearance_shift'] != toy_config()['appearance_shift']
+    assert spec.toy['domains']['source']['instances'] != toy_config()['domains']['source']['instances']
+    assert [r.name for r in spec.rows] == [r.name for r in toy.rows if not r.optional]
+    for r in spec.rows: assert r.params == toy.row(r.name).params, r.name

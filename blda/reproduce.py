@@ -130,18 +130,31 @@ def parse_table(spec: dict, source: Path | None = None) -> TableSpec:
     return TableSpec(str(spec.get('name', source.stem if source else 'table')), str(spec.get('title', '')),
                      tuple(rows), tuple(seeds), dict(spec.get('quick') or {}), str(spec.get('notes', '')), source, standin, toy)
 
-def load_table(table: str | Path) -> TableSpec:
-    "A table spec by name (`toy`, `gta2cs`, `syn2cs`: `tables/NAME.yaml`) or by path."
-    import yaml
+def _table_path(table: str | Path) -> Path:
     path = Path(table)
     if not path.suffix:
         path = tables_dir()/f"{table}.yaml"
         if not path.is_file():
             raise UserError(f"no table {table!r}; known: {', '.join(available_tables()) or 'none'} (or give a YAML file)")
     if not path.is_file(): raise UserError(f"table spec {path} not found")
+    return path
+
+def _read_spec(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The YAML mapping of `path`, with `extends: NAME` resolved: the spec of table NAME, each top-level key
+    given in `path` replacing the base's whole (so a table that only changes the toy inherits its rows and settings)."""
+    import yaml
     try: spec = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e: raise UserError(f"{path} is not valid YAML: {e}") from None
-    return parse_table(spec, path)
+    if isinstance(spec, dict) and 'extends' in spec:
+        base = _table_path(str(spec['extends']))
+        if base.resolve() in seen + (path.resolve(),): raise UserError(f"{path}: extends {spec['extends']!r} in a cycle")
+        spec = {**_read_spec(base, seen + (path.resolve(),)), **{k: v for k, v in spec.items() if k != 'extends'}}
+    return spec
+
+def load_table(table: str | Path) -> TableSpec:
+    "A table spec by name (`toy`, `gta2cs`, `syn2cs`: `tables/NAME.yaml`) or by path."
+    path = _table_path(table)
+    return parse_table(_read_spec(path), path)
 
 # %% ../nbs/41_reproduce.ipynb #02126aa3
 class Run(NamedTuple):

@@ -155,7 +155,8 @@ class SegDataset(Dataset):
         "The index of the sample whose label file has this base name (how RCS statistics are matched)."
         return self._by_label_name.get(Path(label_name).name)
 
-    def __getitem__(self, index: int) -> dict:
+    def read(self, index: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        "Sample `index` as read from disk: the RGB image `(H, W, 3)` and its label maps `(H, W)` by name."
         image = read_rgb(self.images[index])
         maps = {}
         if self.labels is not None:
@@ -165,13 +166,19 @@ class SegDataset(Dataset):
                                  f"{self.images[index]} is {image.shape[1::-1]} (width, height)")
         if self.pseudo_margins is not None:
             maps['valid_pseudo_mask'] = valid_pseudo_mask(*image.shape[:2], self.pseudo_margins)
-        img, maps, flip = self.transform(image, maps, _rng())
+        return image, maps
+
+    def transformed(self, index: int, image: np.ndarray, maps: dict[str, np.ndarray]) -> dict:
+        "The training sample made from what `read(index)` returned, with a fresh draw of the random transform."
+        img, maps, flip = self.transform(image.copy(), {k: v.copy() for k, v in maps.items()}, _rng())
         sample = dict(img=img, name=self.images[index].stem.removesuffix('_leftImg8bit'), image_path=str(self.images[index]),
                       label_path=str(self.labels[index]) if self.labels else '',
                       ori_shape=torch.tensor(image.shape[:2]), flip=flip, index=index)
         if 'gt' in maps: sample['gt'] = maps['gt'].long()
         if 'valid_pseudo_mask' in maps: sample['valid_pseudo_mask'] = maps['valid_pseudo_mask'].bool()
         return sample
+
+    def __getitem__(self, index: int) -> dict: return self.transformed(index, *self.read(index))
 
 # %% ../nbs/12_datasets.ipynb #665ed14b
 _ENDS_IN_DIGIT = re.compile(r'^[^.].*\d\.png$')
@@ -312,12 +319,13 @@ class UDADataset(Dataset):
     def rare_class_sample(self, rng: np.random.Generator) -> tuple[dict, int]:
         c, name = self.rcs.sample(rng)
         i = self.source.index_of(name)
-        sample = self.source[i]
+        image, maps = self.source.read(i)   # read once; each redraw is a new random crop of the same image
+        sample = self.source.transformed(i, image, maps)
         need = self.rcs.config.min_pixels * self.rcs.config.min_crop_ratio
         if self.rcs.config.min_crop_ratio > 0:
             for _ in range(self.rcs.config.max_redraws):
                 if int((sample['gt'] == c).sum()) > need: break
-                sample = self.source[i]
+                sample = self.source.transformed(i, image, maps)
         return sample, c
 
     def __getitem__(self, index: int) -> dict:

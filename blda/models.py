@@ -14,9 +14,9 @@ from .files import first_sentence
 
 # %% auto #0
 __all__ = ['CLASSIFIER_PREFIXES', 'MMCV_RESNET_STEM', 'ARCH_ALIASES', 'DEFAULT_ENCODERS', 'REFERENCE_CUSTOM_KEYS', 'HeadOutput',
-           'SegOutput', 'DLV2Head', 'conv_bn_relu', 'separable_conv', 'SeparableASPP', 'DAFormerHead', 'Segmentor',
-           'mmcv_resnet_to_timm', 'EncoderWeightsError', 'load_encoder_weights', 'encoder_known', 'build_model',
-           'param_groups']
+           'SegOutput', 'DLV2Head', 'conv_bn_relu', 'separable_conv', 'SeparableASPP', 'DAFormerHead', 'depthwise_taps',
+           'DepthwiseConv3x3', 'Segmentor', 'mmcv_resnet_to_timm', 'EncoderWeightsError', 'load_encoder_weights',
+           'encoder_known', 'build_model', 'param_groups']
 
 # %% ../nbs/20_models.ipynb #501564b5
 class HeadOutput(NamedTuple):
@@ -50,17 +50,19 @@ class DLV2Head(nn.Module):
         return HeadOutput(logits, self.conv_cdf(x) if self.conv_cdf is not None else None)
 
 # %% ../nbs/20_models.ipynb #abe173fa
-def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1, groups: int = 1) -> nn.Sequential:
-    "mmcv's `ConvModule` with BN and ReLU: a bias-free convolution (the BN has the shift), BN, ReLU."
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=dilation * (kernel_size // 2),
-                     dilation=dilation, groups=groups, bias=False)
+def _bn_relu(conv: nn.Conv2d) -> nn.Sequential:
+    "mmcv's `ConvModule` with BN and ReLU around a bias-free convolution (the BN has the shift)."
     nn.init.kaiming_normal_(conv.weight, mode='fan_out', nonlinearity='relu')   # mmcv's ConvModule init
-    return nn.Sequential(conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+    return nn.Sequential(conv, nn.BatchNorm2d(conv.out_channels), nn.ReLU(inplace=True))
+
+def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1) -> nn.Sequential:
+    "Convolution (padding keeps the size), BN, ReLU."
+    return _bn_relu(nn.Conv2d(in_channels, out_channels, kernel_size, padding=dilation * (kernel_size // 2),
+                              dilation=dilation, bias=False))
 
 def separable_conv(in_channels: int, out_channels: int, dilation: int) -> nn.Sequential:
     "Depthwise 3×3 (dilated) + BN + ReLU, then pointwise 1×1 + BN + ReLU."
-    return nn.Sequential(conv_bn_relu(in_channels, in_channels, 3, dilation, groups=in_channels),
-                         conv_bn_relu(in_channels, out_channels, 1))
+    return nn.Sequential(_bn_relu(DepthwiseConv3x3(in_channels, dilation)), conv_bn_relu(in_channels, out_channels, 1))
 
 class SeparableASPP(nn.Module):
     """ASPP without image pooling: a 1×1 branch for dilation 1, depthwise-separable 3×3 branches for the
@@ -101,6 +103,52 @@ class DAFormerHead(nn.Module):
         fused = self.fuse(torch.cat(embedded, dim=1))
         cdf = self.conv_cdf(fused) if self.conv_cdf is not None else None
         return HeadOutput(self.classifier(self.dropout(fused)), cdf)
+
+# %% ../nbs/20_models.ipynb #9e38655e
+def depthwise_taps(height: int, width: int, dilation: int) -> list[tuple[int, int, tuple[slice, slice], tuple[slice, slice]]]:
+    """The taps of a 3×3 kernel with this dilation and zero padding that read inside a `height × width` map:
+    `(row, col, output window, input window)`, the windows as `(rows, cols)` slices of equal size."""
+    taps = []
+    for row in range(3):
+        for col in range(3):
+            dy, dx = (row - 1) * dilation, (col - 1) * dilation
+            h, w = height - abs(dy), width - abs(dx)
+            if h <= 0 or w <= 0: continue   # the whole tap lies in the padding
+            out = (slice(max(0, -dy), max(0, -dy) + h), slice(max(0, -dx), max(0, -dx) + w))
+            inp = (slice(max(0, dy), max(0, dy) + h), slice(max(0, dx), max(0, dx) + w))
+            taps.append((row, col, out, inp))
+    return taps
+
+class _DepthwiseTaps(torch.autograd.Function):
+    "`x (B, C, H, W)`, `weight (C, 1, 3, 3)` → `(B, C, H, W)`: the depthwise convolution, tap by tap."
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, dilation: int) -> Tensor:
+        ctx.save_for_backward(x, weight); ctx.dilation = dilation
+        y = torch.zeros_like(x)
+        for row, col, (oy, ox), (iy, ix) in depthwise_taps(*x.shape[-2:], dilation):
+            y[:, :, oy, ox].addcmul_(x[:, :, iy, ix], weight[:, 0, row, col, None, None])
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        gx = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        gw = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        for row, col, (oy, ox), (iy, ix) in depthwise_taps(*x.shape[-2:], ctx.dilation):
+            g = grad[:, :, oy, ox]
+            if gx is not None: gx[:, :, iy, ix].addcmul_(g, weight[:, 0, row, col, None, None])
+            if gw is not None: gw[:, 0, row, col] = (g * x[:, :, iy, ix]).sum((0, 2, 3))
+        return gx, gw, None
+
+class DepthwiseConv3x3(nn.Conv2d):
+    """A bias-free depthwise 3×3 convolution with this dilation, padded to keep the size:
+    `(B, channels, H, W)` → `(B, channels, H, W)`. On the CPU the taps that read only padding are skipped."""
+    def __init__(self, channels: int, dilation: int = 1):
+        super().__init__(channels, channels, 3, padding=dilation, dilation=dilation, groups=channels, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != 'cpu' or x.dtype != self.weight.dtype: return super().forward(x)
+        return _DepthwiseTaps.apply(x, self.weight, self.dilation[0])
 
 # %% ../nbs/20_models.ipynb #fe4a7424
 class Segmentor(nn.Module):

@@ -104,7 +104,7 @@ class DAFormerHead(nn.Module):
         cdf = self.conv_cdf(fused) if self.conv_cdf is not None else None
         return HeadOutput(self.classifier(self.dropout(fused)), cdf)
 
-# %% ../nbs/20_models.ipynb #9e38655e
+# %% ../nbs/20_models.ipynb #d4a65bd3
 def depthwise_taps(height: int, width: int, dilation: int) -> list[tuple[int, int, tuple[slice, slice], tuple[slice, slice]]]:
     """The taps of a 3×3 kernel with this dilation and zero padding that read inside a `height × width` map:
     `(row, col, output window, input window)`, the windows as `(rows, cols)` slices of equal size."""

@@ -50,6 +50,7 @@ class Benchmark:
     rcs: RCSConfig = RCSConfig()
     pseudo_margins: tuple[int, int, int, int] | None = None   # v2 margins that replace a host's PL crop (the toy's bonnet)
     margins_height: int | None = None           # the target height `pseudo_margins` are given for (scaled to the images')
+    cpu_sized: bool = False                     # trains on a CPU in minutes (the toy): the preflight times it there
 
     @property
     def eval_classes(self) -> tuple[int, ...] | None:
@@ -77,7 +78,8 @@ DATASETS: dict[str, DatasetEntry] = {d.name: d for d in (GTA, SYNTHIA, CITYSCAPE
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark('gta2cs', GTA, CITYSCAPES),
     Benchmark('synthia2cs', SYNTHIA, CITYSCAPES),
-    Benchmark('toy', TOY_SOURCE, TOY_TARGET, TOY_CROP, TOY_RCS, TOY_PSEUDO_MARGINS, margins_height=128))}
+    Benchmark('toy', TOY_SOURCE, TOY_TARGET, TOY_CROP, TOY_RCS, TOY_PSEUDO_MARGINS, margins_height=128,
+              cpu_sized=True))}
 
 def dataset_roots() -> dict[str, str]:
     "The `settings.ini` keys of the registered datasets' roots and their defaults (`data/KEY`)."

@@ -807,10 +807,11 @@ def trial_run(params: dict, folder: Path, device: str = 'auto') -> dict:
 class Preflight:
     "What `preflight` found."
     checks: list[Check]
-    gpu_hours: float          # the pending runs' training, on one GPU each
+    hours: float | None       # the pending runs' training, one run at a time on one `hardware` each (None: unknown)
     basis: str                # where the seconds per iteration came from
     runs: int                 # pending runs
     seconds: float = 0.0      # how long the check took
+    hardware: str = 'GPU'     # what `hours` are of: 'GPU', or 'CPU' for a table that trains on the CPU (the toy)
 
     @property
     def ok(self) -> bool: return all(c.ok for c in self.checks)
@@ -878,10 +879,19 @@ def preflight(runs: Sequence[Run], out: Path, device: str = 'auto', allow_partia
             checks.append(check)
             log(f"  {check.what}: {check.state}, {check.detail}")
     finally: shutil.rmtree(folder, ignore_errors=True)
+    iterations = lambda r: r.params.get('iterations', TrainConfig.iterations)
+    cpu_sized = all(getattr(BENCHMARKS.get(r.params.get('data', TrainConfig.data)), 'cpu_sized', False) for r in first.values())
+    if cpu_sized and not str(device).startswith('cuda'):   # the toy: timed by its trials on this machine's CPU
+        checks.append(Check('gpus', 'ready', 'none needed: this table trains on the CPU'))
+        timed = len(measured) == len(first)
+        seconds = sum(iterations(r) * measured[r.row]['seconds_per_iter'] for r in pending) if timed else None
+        return Preflight(checks, seconds / 3600 if timed else None,
+                         'seconds per iteration of the trials on this machine' if timed else 'no trial of every row ran',
+                         len(pending), time.time() - t0, hardware='CPU')
     on_gpu = {row: m for row, m in measured.items() if m['peak_memory_gib'] is not None}
     peaks = {row: on_gpu[row]['peak_memory_gib'] if row in on_gpu else assumed_cost(r.params)[1] for row, r in first.items()}
     checks.append(check_gpus(device, peaks, measured=bool(on_gpu) and len(on_gpu) == len(first)))
-    seconds = sum(r.params.get('iterations', TrainConfig.iterations)
+    seconds = sum(iterations(r)
                   * (on_gpu[r.row]['seconds_per_iter'] if r.row in on_gpu else assumed_cost(r.params)[0]) for r in pending)
     basis = ('seconds per iteration measured on the GPU by the trials' if on_gpu and len(on_gpu) == len(first) else
              "assumed seconds per iteration of one 24 GB-class GPU (RTX 3090: the BLDA paper's cost table; HRDA's maintainers' "
@@ -889,14 +899,17 @@ def preflight(runs: Sequence[Run], out: Path, device: str = 'auto', allow_partia
     return Preflight(checks, seconds / 3600, basis, len(pending), time.time() - t0)
 
 def preflight_report(result: Preflight) -> str:
-    "The report: one line per check (the gaps with their fix), the GPU-hours, and the verdict."
+    "The report: one line per check (the gaps with their fix), the GPU-hours (CPU-hours for the toy), and the verdict."
     width = max((len(c.what) for c in result.checks), default=10)
     lines = []
     for c in result.checks:
         lines.append(f"  {c.state.upper() if not c.ok else c.state:8s} {c.what:{width}s}  {c.detail}")
         if c.fix: lines.append(f"  {'':8s} {'':{width}s}  fix: {c.fix}")
-    hours = f"{result.gpu_hours:,.0f}" if result.gpu_hours >= 10 else f"{result.gpu_hours:.1f}"
-    lines.append(f"estimate: about {hours} GPU-hours for {result.runs} runs ({result.basis})")
+    if result.hours is None: lines.append(f"estimate: none for {result.runs} runs ({result.basis})")
+    else:
+        amount = (f"{result.hours * 60:.0f} {result.hardware}-minutes" if result.hours < 1 else
+                  f"{result.hours:,.0f} {result.hardware}-hours" if result.hours >= 10 else f"{result.hours:.1f} {result.hardware}-hours")
+        lines.append(f"estimate: about {amount} for {result.runs} runs ({result.basis})")
     gaps = [c for c in result.checks if not c.ok]
     partial = any(c.state == 'partial' for c in result.checks)
     trials = any(c.what.startswith('trial:') and c.state == 'ready' for c in result.checks)

@@ -169,8 +169,9 @@ class SegDataset(Dataset):
         return image, maps
 
     def transformed(self, index: int, image: np.ndarray, maps: dict[str, np.ndarray]) -> dict:
-        "The training sample made from what `read(index)` returned, with a fresh draw of the random transform."
-        img, maps, flip = self.transform(image.copy(), {k: v.copy() for k, v in maps.items()}, _rng())
+        """The training sample made from what `read(index)` returned, with a fresh draw of the random transform
+        (which leaves `image` and `maps` as they were, so they can be transformed again)."""
+        img, maps, flip = self.transform(image, maps, _rng())
         sample = dict(img=img, name=self.images[index].stem.removesuffix('_leftImg8bit'), image_path=str(self.images[index]),
                       label_path=str(self.labels[index]) if self.labels else '',
                       ori_shape=torch.tensor(image.shape[:2]), flip=flip, index=index)

@@ -366,6 +366,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'blda.reproduce._parameter_names': ('reproduce.html#_parameter_names', 'blda/reproduce.py'),
                                 'blda.reproduce._parse_set': ('reproduce.html#_parse_set', 'blda/reproduce.py'),
                                 'blda.reproduce._read_spec': ('reproduce.html#_read_spec', 'blda/reproduce.py'),
+                                'blda.reproduce._set_value': ('reproduce.html#_set_value', 'blda/reproduce.py'),
                                 'blda.reproduce._table_path': ('reproduce.html#_table_path', 'blda/reproduce.py'),
                                 'blda.reproduce._uses_rcs': ('reproduce.html#_uses_rcs', 'blda/reproduce.py'),
                                 'blda.reproduce._write_status': ('reproduce.html#_write_status', 'blda/reproduce.py'),

@@ -14,11 +14,11 @@ from .provenance import provenance_columns, provenance_summary
 
 # %% auto #0
 __all__ = ['PAPER_KEYS', 'NOTEBOOK_PARAMETERS', 'LAUNCHERS', 'STEP_COST', 'BLDA_STEP_COST', 'LOW_IOU', 'LEARNT_IOU',
-           'TOY_FOLDERS', 'FULL_IMAGES', 'WEIGHTS_FILES', 'ASSUMED_COST', 'BLDA_COST', 'Row', 'TableSpec', 'tables_dir',
-           'available_tables', 'parse_table', 'load_table', 'Run', 'plan_runs', 'run_state', 'RunOutcome',
-           'notebook_parameters', 'execute_run', 'launch_local', 'longest_first', 'launch_submitit', 'RowResult',
-           'aggregate', 'table_records', 'table_markdown', 'plot_table', 'full_label', 'regime_summary', 'write_table',
-           'ensure_toy', 'absolute_roots', 'add_arguments', 'reproduce', 'run', 'Check', 'check_dataset',
+           'TOY_FOLDERS', 'PLACEHOLDERS', 'FULL_IMAGES', 'WEIGHTS_FILES', 'ASSUMED_COST', 'BLDA_COST', 'Row',
+           'TableSpec', 'tables_dir', 'available_tables', 'parse_table', 'load_table', 'Run', 'plan_runs', 'run_state',
+           'RunOutcome', 'notebook_parameters', 'execute_run', 'launch_local', 'longest_first', 'launch_submitit',
+           'RowResult', 'aggregate', 'table_records', 'table_markdown', 'plot_table', 'full_label', 'regime_summary',
+           'write_table', 'ensure_toy', 'absolute_roots', 'add_arguments', 'reproduce', 'run', 'Check', 'check_dataset',
            'check_class_stats', 'check_weights', 'run_bytes', 'check_disk', 'check_gpus', 'assumed_cost', 'trial_run',
            'Preflight', 'preflight', 'preflight_report']
 
@@ -530,17 +530,28 @@ def ensure_toy(root: Path, size: str = 'default', progress: bool = True, overrid
     return bool(made['generated'] or todo)
 
 # %% ../nbs/41_reproduce.ipynb #1ba9c659
+PLACEHOLDERS = ('{pretrained}', '{toy_standin}')   # filled in every row's parameters by `run` below
+
+def _set_value(item: str, value: str, option: str):
+    "The value of one `KEY=VALUE` pair, read as YAML; a value holding a placeholder stays the text it is."
+    import yaml
+    # YAML reads `{toy_standin}` as a mapping, which no parameter is: the placeholder is kept as the user wrote it
+    if any(p in value for p in PLACEHOLDERS): return value.strip()
+    try: return yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise UserError(f"{option} {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+
 def _parse_set(items: Sequence[str], option: str = '--set') -> dict:
     """`KEY=VALUE` pairs, values read as YAML scalars (`iterations=100`, `blda=true`, `crop_size=[256, 256]`);
     `host_options.NAME=VALUE` sets one of the host's options (the nested `host_options`)."""
-    import yaml
     out = {}
     for item in items or ():
         if '=' not in item: raise UserError(f"{option} {item!r}: expected KEY=VALUE")
         k, v = item.split('=', 1)
         key, dot, name = k.strip().partition('.')
-        if not dot: out[key] = yaml.safe_load(v)
-        elif key == 'host_options' and name and option == '--set': out.setdefault('host_options', {})[name] = yaml.safe_load(v)
+        if not dot: out[key] = _set_value(item, v, option)
+        elif key == 'host_options' and name and option == '--set':
+            out.setdefault('host_options', {})[name] = _set_value(item, v, option)
         else: raise UserError(f"{option} {item!r}: only host_options.NAME=VALUE has a dot")
     return out
 
@@ -596,8 +607,8 @@ def reproduce(table: str | Path = 'toy', out: Path | str | None = None, rows: Se
     runs = plan_runs(spec, out, rows, seeds, quick, overrides, all_rows)
     from blda.standin import StandinConfig, ensure_standin, standin_path
     standin = StandinConfig(**spec.standin)
-    placeholders = {'{pretrained}': str(settings.pretrained or 'pretrained'),
-                    '{toy_standin}': str(standin_path(settings.toy, standin))}   # built below if a run needs it
+    placeholders = dict(zip(PLACEHOLDERS, (str(settings.pretrained or 'pretrained'),
+                                           str(standin_path(settings.toy, standin)))))   # the stand-in: built below if a run needs it
     def fill(value):
         if not isinstance(value, str): return value
         for key, path in placeholders.items(): value = value.replace(key, path)

@@ -187,13 +187,16 @@ def test_standin_placeholder_is_built_once_and_loaded(toy, tmp_path):
     p = reproduce(env, str(spec), *small_set(toy))
     assert p.returncode == 0, p.stdout + p.stderr
     assert "pretraining the toy's ImageNet stand-in (mit_b0, 2 steps)" in p.stdout
-    weights = json.loads((tmp_path/'results'/'standin'/'source_only'/'s0'/'config.json').read_text())['encoder_weights']
+    def weights_of(seed: int) -> Path:
+        "The encoder weights the run of `seed` was started from."
+        return Path(json.loads((tmp_path/'results'/'standin'/'source_only'/f's{seed}'/'config.json').read_text())['encoder_weights'])
+    weights = weights_of(0)
     assert Path(weights).is_file() and Path(weights).parent == tmp_path/'no-toy'/'pretrained'
     # a new run: the cached stand-in, not rebuilt; named on the command line as the toy table's comment says
     # (the shell drops no quotes here, but YAML would read the bare placeholder as a mapping)
     p = reproduce(env, str(spec), '--seeds', '1', *small_set(toy), 'encoder_weights={toy_standin}')
     assert p.returncode == 0 and 'pretraining' not in p.stdout, p.stdout + p.stderr
-    weights = json.loads((tmp_path/'results'/'standin'/'source_only'/'s1'/'config.json').read_text())['encoder_weights']
+    weights = weights_of(1)
     assert Path(weights).is_file() and Path(weights).parent == tmp_path/'no-toy'/'pretrained'
 
 

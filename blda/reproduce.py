@@ -570,16 +570,17 @@ def absolute_roots(params: dict, settings) -> dict:
     return out
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # the list options accumulate (`action='extend'`): `--set a=1 --set b=2` sets both, as a user reading the help expects
     parser.add_argument('table', nargs='?', default='toy', help="a table spec: toy (default), gta2cs, syn2cs, or a YAML file")
-    parser.add_argument('--rows', nargs='+', metavar='ROW', help="only these rows (default: all but the spec's optional ones)")
+    parser.add_argument('--rows', nargs='+', action='extend', metavar='ROW', help="only these rows (default: all but the spec's optional ones)")
     parser.add_argument('--all', action='store_true', help="every row, the optional ones too")
-    parser.add_argument('--seeds', nargs='+', type=int, metavar='SEED', help="seeds (default: the spec's)")
+    parser.add_argument('--seeds', nargs='+', action='extend', type=int, metavar='SEED', help="seeds (default: the spec's)")
     parser.add_argument('--quick', action='store_true', help="the spec's quick settings: a smoke run of the whole table")
-    parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE', help='override an experiment parameter of every row, e.g. iterations=2000 or host_options.mask_ratio=0.5')
+    parser.add_argument('--set', nargs='+', action='extend', default=[], metavar='KEY=VALUE', help='override an experiment parameter of every row, e.g. iterations=2000 or host_options.mask_ratio=0.5')
     parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' or 'cuda:N' (local jobs on several GPUs get one each)")
     parser.add_argument('--jobs', type=int, default=1, help='runs at a time (local launcher)')
     parser.add_argument('--launcher', choices=LAUNCHERS, default='local', help="local processes, Slurm (submitit), or submitit's local executor")
-    parser.add_argument('--slurm', nargs='+', default=[], metavar='KEY=VALUE',
+    parser.add_argument('--slurm', nargs='+', action='extend', default=[], metavar='KEY=VALUE',
                         help='submitit executor parameters, e.g. timeout_min=1440 slurm_partition=gpu gpus_per_node=1')
     parser.add_argument('--out', default=None, help="output folder (default: RESULTS/TABLE, or RESULTS/TABLE-quick with --quick)")
     parser.add_argument('--list', action='store_true', help='print the runs and their states, run nothing')

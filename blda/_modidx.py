@@ -440,6 +440,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'blda.standin.PretrainResult': ('standin.html#pretrainresult', 'blda/standin.py'),
                               'blda.standin.StandinConfig': ('standin.html#standinconfig', 'blda/standin.py'),
                               'blda.standin.StandinConfig.key': ('standin.html#standinconfig.key', 'blda/standin.py'),
+                              'blda.standin._cpu_threads': ('standin.html#_cpu_threads', 'blda/standin.py'),
                               'blda.standin._generic_lut': ('standin.html#_generic_lut', 'blda/standin.py'),
                               'blda.standin._held_out_iou': ('standin.html#_held_out_iou', 'blda/standin.py'),
                               'blda.standin._paint_object': ('standin.html#_paint_object', 'blda/standin.py'),

@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_standin.ipynb #fb21f256
 from __future__ import annotations
-import dataclasses, hashlib, json, math, time
+import contextlib, dataclasses, hashlib, json, math, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -97,6 +97,8 @@ class StandinConfig:
     warmup_iters: int = 50
     weight_decay: float = 0.01
     seed: int = 0
+    threads: int = 1             # CPU threads of the build: how a CPU splits its sums between threads changes their
+                                 # rounding, so the weights depend on it; fixed, every machine builds the same stand-in
 
     def key(self) -> str:
         "12 hex digits of a hash of every field."
@@ -119,13 +121,21 @@ def _held_out_iou(model: torch.nn.Module, config: StandinConfig, n: int = 64) ->
         out[name] = 100 * ((pred == k) & (batch.labels == k)).sum().item() / union if union else math.nan
     return out
 
+@contextlib.contextmanager
+def _cpu_threads(n: int):
+    "Run the block on `n` torch CPU threads, then give the caller its own number back."
+    caller = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try: yield
+    finally: torch.set_num_threads(caller)
+
 def pretrain_encoder(config: StandinConfig = StandinConfig(), progress: bool = True) -> PretrainResult:
-    "Train `config.encoder` with a DAFormer head to segment the generic domain's object categories."
+    "Train `config.encoder` with a DAFormer head to segment the generic domain's object categories, on `config.threads` CPU threads."
     from blda.models import build_model, param_groups
     from blda.train import lr_factor
     from tqdm.auto import tqdm
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
+    with _cpu_threads(config.threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = build_model('T', len(GENERIC_CLASSES), config.encoder, embed_dim=config.embed_dim)
         opt = torch.optim.AdamW(param_groups(model, config.lr, config.weight_decay), lr=config.lr,

@@ -51,7 +51,8 @@ def provenance(device=None, precision: str = 'fp32', started: str | None = None,
     "The `provenance` record of a run on `device` computing in `precision` (see the table above)."
     import torch, blda
     return dict(blda_version=blda.__version__, **git_state(), python=platform.python_version(),
-                torch=torch.__version__, cuda=torch.version.cuda, device=device_name(device), precision=precision,
+                torch=torch.__version__, cuda=torch.version.cuda, device=device_name(device),
+                cpu_capability=torch.backends.cpu.get_cpu_capability(), precision=precision,
                 started=started, finished=finished)
 
 # %% ../nbs/13_provenance.ipynb #ff598796

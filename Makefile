@@ -13,17 +13,6 @@ STAMP  := $(VENV)/.installed-$(shell cat requirements-test.txt pyproject.toml 2>
 export HF_HUB_OFFLINE := 1
 export MPLBACKEND := Agg
 export PYTHONHASHSEED := 0
-# A CPU run is deterministic for one instruction set: PyTorch's own kernels, oneDNN's convolutions and MKL's
-# matrix products pick AVX-512 code where the CPU has it, and it rounds differently from AVX2 code. On x86
-# every make target uses the AVX2 code (which nearly every x86 CPU of the last ten years has), so the table make table prints,
-# the notebooks' saved outputs and the checks on them are the same digits on every such machine (measured: no
-# slower on an AVX-512 CPU). Set the variables yourself to use other code; `provenance.cpu_capability` of a
-# run's metrics.json says which one it used.
-ifeq ($(shell uname -m),x86_64)
-export ATEN_CPU_CAPABILITY ?= avx2
-export ONEDNN_MAX_CPU_ISA ?= AVX2
-export MKL_CBWR ?= AVX2
-endif
 
 .PHONY: venv table demo lab test export nbtest pytest benchmark gpu-check docs clean
 

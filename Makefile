@@ -1,5 +1,5 @@
 # Two commands do everything from a fresh clone (see README.md):
-#   make table  - the main job: the toy table reproduction (blda reproduce toy), 13-15 min on 2 CPU cores
+#   make table  - the main job: the toy table reproduction (blda reproduce toy), 10-15 min on 2 CPU cores
 #   make test   - the whole test suite (export check, notebook tests, pytest)
 # Both create and fill the local virtual environment .venv first. `make demo` is a one-minute tour of the core.
 
